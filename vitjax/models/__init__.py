@@ -1,0 +1,41 @@
+"""Backbones. `build(model_cfg, num_classes=..., image_size=...)` turns a config into a module."""
+import dataclasses
+
+import jax.numpy as jnp
+
+from vitjax.models.vit import VARIANTS, ViT, decode_variant, resample_posemb, sincos2d  # noqa: F401
+
+MODELS = {"vit": ViT}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def build(model_cfg, *, num_classes: int, image_size, dtype: str = "float32"):
+  """Builds a backbone from `config.model`; validates it now rather than at trace time.
+
+  model_cfg fields: name ("vit"), variant ("S/16"), and any ViT field as an override
+  (width, depth, mlp_dim, num_heads, patch_size, pool, attention, tokens, ...).
+  """
+  cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
+  name = cfg.pop("name", "vit")
+  if name not in MODELS:
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+  cls = MODELS[name]
+  kwargs = decode_variant(cfg.pop("variant")) if cfg.get("variant") else {}
+  cfg.pop("variant", None)
+  kwargs.update({k: v for k, v in cfg.items() if v is not None or k == "tokens"})
+  fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+  unknown = set(kwargs) - fields
+  if unknown:
+    raise ValueError(f"unknown model option(s) {sorted(unknown)}; valid: {sorted(fields)}")
+  if dtype not in DTYPES:
+    raise ValueError(f"unknown compute dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+  if isinstance(image_size, int):
+    image_size = (image_size, image_size)
+  model = cls(num_classes=num_classes, image_size=tuple(image_size), dtype=DTYPES[dtype], **kwargs)
+  model.validate()
+  return model
+
+
+def num_params(params) -> int:
+  import jax  # pylint: disable=import-outside-toplevel
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
