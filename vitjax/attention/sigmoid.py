@@ -1,0 +1,69 @@
+"""G2 `sigmoid`: sigmoid self-attention (Ramapuram et al. 2024, "Theory, Analysis, and Best
+Practices for Sigmoid Self-Attention").
+
+W_h = sigma(exp(t) * Q_h K_h^T / sqrt(d) + b) elementwise, no row normalisation;  O_h = W_h V_h.
+b = -log n (n keys) keeps the initial row mass near 1, the failure mode the paper stabilises.
+The official module exposes `attn_bias` and `attn_temp` as fixed buffers and QK-norm as an option
+(here the `qk_norm` field of the base class).
+
+Token sizes (R2 of the spec) arrive as the additive key bias beta_j = log s_j (ToMe's proportional
+attention) or -inf for dropped keys: the weight of key j is s_j * sigma(.) = exp(beta_j) * sigma(.),
+and b = -log sum_j s_j, so a token of size s acts exactly like s copies and a masked key like a
+deleted one. Without a bias, s_j = 1 and b = -log n.
+"""
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vitjax.attention import registry
+from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
+                                   collect_aux)
+
+IMPLS = ("reference", "xla")  # both run the einsum path; a FlashSigmoid kernel would go in kernels/
+
+
+def scaled_logits(q, k, temp: float = 0.0):
+  """q [B,N,H,d], k [B,M,H,d] -> exp(temp) * QK^T / sqrt(d), float32 [B,H,N,M]."""
+  scale = q.shape[-1] ** -0.5 * jnp.exp(temp)
+  return jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32) * scale
+
+
+def log_mass(bias, n: int):
+  """log sum_j s_j with s_j = exp(bias_j): [B,1,1,1] (or a scalar log n without a bias)."""
+  if bias is None:
+    return jnp.log(jnp.float32(n))
+  return jax.nn.logsumexp(bias, axis=-1, keepdims=True)
+
+
+def sigmoid_weights(logits, bias=None, attn_bias: Optional[float] = None):
+  """Elementwise sigmoid weights with the sequence-length offset and size multipliers."""
+  b = -log_mass(bias, logits.shape[-1]) if attn_bias is None else attn_bias
+  w = jax.nn.sigmoid(logits + b)
+  if bias is not None:
+    w = w * jnp.exp(bias)  # exp(-inf) = 0 removes masked keys exactly
+  return w
+
+
+@registry.register(
+    "sigmoid",
+    caps=Capabilities(cls_probs="exact", cls_score_norm="row"),
+    paper="Theory, Analysis, and Best Practices for Sigmoid Self-Attention (Ramapuram et al. 2024)",
+    complexity="O(N^2 D)")
+class SigmoidAttention(Attention):
+  """Sigmoid attention; `attn_bias=None` recomputes b = -log(sum of key sizes) every call."""
+  attn_bias: Optional[float] = None  # fixed b instead of -log n
+  attn_temp: float = 0.0             # logits are scaled by exp(attn_temp) (official default 0)
+
+  @nn.compact
+  def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
+    if self.impl not in IMPLS:
+      raise ValueError(f"sigmoid attention has impls {IMPLS}, got {self.impl!r}")
+    q, k, v = self.project_qkv(x)
+    bias = additive_key_bias(ctx, x.shape[1])
+    w = sigmoid_weights(scaled_logits(q, k, self.attn_temp), bias, self.attn_bias)
+    wd = self.dropout_weights(w, deterministic)
+    y = jnp.einsum("bhnm,bmhd->bnhd", wd.astype(v.dtype), v)
+    aux = collect_aux(need, probs=w, q=q, k=k, v=v, ctx=ctx)
+    return self.project_out(y, x.shape[-1], deterministic), aux
