@@ -1,0 +1,227 @@
+"""Pallas kernels (vitjax/kernels) against plain-XLA formulas written here.
+
+On CPU the kernels run in interpret mode: the TPU kernel through the generic interpreter (the
+default backend), once through the TPU interpreter (`pltpu.force_tpu_interpret_mode`, which also
+simulates VMEM and the grid), and the GPU (Triton) kernel body through the generic interpreter.
+The GPU lowering itself is checked by lowering for CUDA (Triton IR), which needs no GPU.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from vitjax import models
+from vitjax.kernels import flash_attention as fa
+from vitjax.kernels import flash_sigmoid as fs
+
+
+# ------------------------------------------------------------------ references (naive formulas)
+def softmax_reference(q, k, v, bias=None):
+  """Materialised softmax attention in float32: (y [B,N,H,d], lse [B,H,N], p [B,H,N,M])."""
+  q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+  s = jnp.einsum("bnhd,bmhd->bhnm", q, k) / np.sqrt(q.shape[-1])
+  if bias is not None:
+    s = s + bias
+  lse = jax.nn.logsumexp(s, axis=-1)
+  p = jnp.exp(s - lse[..., None])
+  return jnp.einsum("bhnm,bmhd->bnhd", p, v), lse, p
+
+
+def sigmoid_reference(q, k, v, bias=None, key_weight=None):
+  """sum_j w_j sigma(s_ij + bias_j - log n) v_j, n = sum of weights of unmasked keys."""
+  b, m = k.shape[:2]
+  s = jnp.einsum("bnhd,bmhd->bhnm", q, k) / np.sqrt(q.shape[-1])
+  w = jnp.ones((b, m)) if key_weight is None else key_weight
+  valid = jnp.ones((b, m), bool) if bias is None else ~jnp.isneginf(bias[:, 0, 0])
+  offset = -jnp.log(jnp.where(valid, w, 0.0).sum(-1))
+  if bias is not None:
+    s = s + bias
+  p = jax.nn.sigmoid(s + offset[:, None, None, None]) * w[:, None, None, :]
+  return jnp.einsum("bhnm,bmhd->bnhd", p, v)
+
+
+def inputs(b, nq, nk, h, d, dtype=jnp.float32, seed=0, bias=True):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(ks[0], (b, nq, h, d)).astype(dtype)
+  k = jax.random.normal(ks[1], (b, nk, h, d)).astype(dtype)
+  v = jax.random.normal(ks[2], (b, nk, h, d)).astype(dtype)
+  bb = None
+  if bias:  # ToMe-like log-sizes, one masked key per example
+    bb = jnp.log(jax.random.uniform(ks[3], (b, 1, 1, nk), minval=1.0, maxval=4.0))
+    bb = bb.at[0, :, :, 3].set(-jnp.inf).at[1, :, :, nk - 1].set(-jnp.inf)
+  return q, k, v, bb
+
+
+def cotangents(shape, n_lse, seed=1):
+  ks = jax.random.split(jax.random.PRNGKey(seed), 2)
+  return jax.random.normal(ks[0], shape), jax.random.normal(ks[1], n_lse)
+
+
+def close(got, want, tol):
+  """Max-abs error within tol, relative to max(1, |want|max) (bias grads sum over H and N)."""
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  scale = max(1.0, float(np.abs(want).max()))
+  err = float(np.abs(got - want).max())
+  assert err <= tol * scale, f"max abs error {err:.3g} > {tol:.1g} x {scale:.3g}"
+
+
+# ------------------------------------------------------------------ softmax: values and gradients
+CASES = [  # id, nq, nk, heads, d, dtype, bias, backend, blocks, heads per program
+    ("n17_auto_nobias", 17, 17, 2, 64, jnp.float32, False, None, None, None),
+    ("n50_tpu_4x4_tiles", 50, 50, 4, 64, jnp.float32, True, "tpu_interpret", (16, 16), 2),
+    ("n50_gpu_tiles_d32", 50, 50, 2, 32, jnp.float32, True, "gpu_interpret", (16, 32), None),
+    ("cross_17x50_gpu_d128", 17, 50, 2, 128, jnp.float32, True, "gpu_interpret", None, None),
+    ("n50_bf16_tpu_tiles", 50, 50, 2, 64, jnp.bfloat16, True, "tpu_interpret", (16, 16), None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_softmax_matches_reference(case):
+  _, nq, nk, h, d, dtype, has_bias, backend, blocks, heads = case
+  q, k, v, bias = inputs(2, nq, nk, h, d, dtype, bias=has_bias)
+  dy, dlse = cotangents(q.shape, (2, h, nq))
+
+  def run(fn, q, k, v, bias):
+    (y, lse), vjp = jax.vjp(fn, q, k, v, bias)
+    return y, lse, vjp((dy.astype(y.dtype), dlse))
+
+  kernel = lambda *a: fa.attention_with_lse(*a, backend=backend, blocks=blocks, heads=heads)
+  y, lse, grads = jax.jit(lambda *a: run(kernel, *a))(q, k, v, bias)
+  ry, rlse, rgrads = run(lambda *a: softmax_reference(*a)[:2], q, k, v, bias)
+  fwd_tol, grad_tol = (1e-5, 1e-4) if dtype == jnp.float32 else (2e-2, 5e-2)
+  assert y.dtype == dtype and lse.dtype == jnp.float32
+  close(y, ry, fwd_tol)
+  close(lse, rlse, fwd_tol)
+  for name, g, rg in zip(("dq", "dk", "dv", "dbias"), grads, rgrads):
+    if rg is None:
+      assert g is None, name
+      continue
+    assert g.shape == rg.shape, name
+    close(g, rg, grad_tol)
+
+
+def test_masked_key_equals_deleting_it():
+  q, k, v, _ = inputs(2, 17, 17, 2, 64, bias=False)
+  bias = jnp.zeros((2, 1, 1, 17)).at[:, :, :, 5].set(-jnp.inf)
+  keep = np.r_[0:5, 6:17]
+
+  def loss(q, k, v, bias):
+    return (fa.attention(q, k, v, bias) ** 2).sum()
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+  l_mask, (dq_m, dk_m, dv_m) = grad(q, k, v, bias)
+  l_del, (dq_d, dk_d, dv_d) = grad(q, k[:, keep], v[:, keep], None)
+  close(l_mask, l_del, 1e-5)
+  close(dq_m, dq_d, 1e-4)
+  close(dk_m[:, keep], dk_d, 1e-4)
+  close(dv_m[:, keep], dv_d, 1e-4)
+  assert float(jnp.abs(dk_m[:, 5]).max()) == 0.0 and float(jnp.abs(dv_m[:, 5]).max()) == 0.0
+
+
+def test_lse_gives_exact_cls_probs():
+  q, k, v, bias = inputs(2, 17, 17, 2, 64)
+  _, lse = jax.jit(fa.attention_with_lse)(q, k, v, bias)
+  probs = fa.cls_probs_from_lse(q[:, 0], k, bias, lse[:, :, 0])
+  _, rlse, p = softmax_reference(q, k, v, bias)
+  close(lse, rlse, 1e-5)
+  close(probs, p[:, :, 0], 1e-6)
+  close(probs.sum(-1), np.ones((2, 2)), 1e-6)
+
+
+def test_tpu_launch_in_tpu_interpret_mode():
+  """The Mosaic launch (default TPU tiling, all heads in one program, compiler params) under the
+  TPU interpreter, which simulates VMEM, the grid and the (8, 128) layout rules' block shapes."""
+  q, k, v, bias = inputs(2, 50, 50, 4, 64)
+  dy, _ = cotangents(q.shape, (1,))
+
+  def run(fn):
+    y, vjp = jax.vjp(fn, q, k, v, bias)
+    return y, vjp(dy)
+
+  with pltpu.force_tpu_interpret_mode():
+    y, grads = jax.jit(lambda: run(lambda *a: fa.attention(*a, backend="tpu")))()
+  ry, rgrads = run(lambda *a: softmax_reference(*a)[0])
+  close(y, ry, 1e-5)
+  for g, rg in zip(grads, rgrads):
+    close(g, rg, 1e-4)
+
+
+# ------------------------------------------------------------------ sigmoid
+SIGMOID_CASES = [  # id, nq, nk, h, d, backend, blocks
+    ("n50_tpu_tiles", 50, 50, 2, 64, "tpu_interpret", (16, 16)),
+    ("cross_17x50_gpu", 17, 50, 2, 32, "gpu_interpret", None),
+]
+
+
+@pytest.mark.parametrize("case", SIGMOID_CASES, ids=[c[0] for c in SIGMOID_CASES])
+def test_sigmoid_matches_reference(case):
+  _, nq, nk, h, d, backend, blocks = case
+  q, k, v, bias = inputs(2, nq, nk, h, d)
+  weight = jax.random.uniform(jax.random.PRNGKey(7), (2, nk), minval=1.0, maxval=3.0)
+  dy, _ = cotangents(q.shape, (1,))
+
+  def run(fn):
+    y, vjp = jax.vjp(fn, q, k, v, bias, weight)
+    return y, vjp(dy)
+
+  kernel = lambda q, k, v, b, w: fs.sigmoid_attention(q, k, v, b, key_weight=w, backend=backend,
+                                                      blocks=blocks)
+  y, grads = jax.jit(lambda: run(kernel))()
+  ry, rgrads = run(sigmoid_reference)
+  close(y, ry, 1e-5)
+  for g, rg in zip(grads, rgrads):  # dq, dk, dv, dbias, dweight
+    close(g, rg, 1e-4)
+
+
+def test_sigmoid_row_mass_and_duplicates():
+  """At S = 0 a row sums to n sigma(-log n) = n / (n + 1) over the n unmasked keys, and a key of
+  weight 3 acts like three copies of it (zoo R2)."""
+  b, n, h, d = 2, 17, 2, 32
+  q, k, v, _ = inputs(b, n, n, h, d, bias=False)
+  mask = jnp.zeros((b, 1, 1, n)).at[:, :, :, 4].set(-jnp.inf)
+  run = jax.jit(lambda q, k, v, bias, w: fs.sigmoid_attention(q, k, v, bias, key_weight=w))
+  rows = run(jnp.zeros_like(q), k, jnp.ones_like(v), mask, None)
+  close(rows, np.full(rows.shape, (n - 1) / n), 1e-6)
+  weight = jnp.ones((b, n)).at[:, 2].set(3.0)
+  y_weighted = run(q, k, v, None, weight)
+  copies = np.r_[0:n, 2, 2]
+  y_copies = run(q, k[:, copies], v[:, copies], None, None)
+  close(y_weighted, y_copies, 1e-5)
+
+
+# ------------------------------------------------------------------ GPU lowering (no GPU needed)
+@pytest.mark.parametrize("fn", ["softmax", "sigmoid"])
+def test_gpu_kernels_lower_to_triton(fn):
+  """Lowers forward + backward for CUDA: the kernel bodies must translate to Triton IR (block
+  shapes, dots, reductions). PTX compilation and execution need a GPU and are not checked."""
+  q = jax.ShapeDtypeStruct((2, 197, 6, 64), jnp.bfloat16)
+  bias = jax.ShapeDtypeStruct((2, 1, 1, 197), jnp.float32)
+  attn = fa.attention if fn == "softmax" else fs.sigmoid_attention
+  loss = lambda q, k, v, b: attn(q, k, v, b).astype(jnp.float32).sum()
+  lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(q, q, q, bias).lower(
+      lowering_platforms=("cuda",))
+  assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
+
+
+# ------------------------------------------------------------------ inside the model
+def test_vit_pallas_matches_reference():
+  def build(impl):
+    return models.build(dict(variant="Ti/4", depth=2, attention=dict(name="mhsa", impl=impl)),
+                        num_classes=10, image_size=16)
+
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  ref_model, pallas_model = build("reference"), build("pallas")
+  params = ref_model.init(jax.random.PRNGKey(1), x)
+
+  def loss(model):
+    def f(params):
+      logits, _ = model.apply(params, x)
+      return (logits ** 2).sum(), logits
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+  (l_ref, logits_ref), g_ref = loss(ref_model)
+  (l_pal, logits_pal), g_pal = loss(pallas_model)
+  close(logits_pal, logits_ref, 1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(g_pal), jax.tree_util.tree_leaves(g_ref)):
+    close(a, b, 1e-4)
