@@ -52,8 +52,8 @@ def split_spec(spec) -> tuple:
   raise TypeError(f"attention spec must be a name or a dict with 'name', got {type(spec).__name__}")
 
 
-def build(spec, *, num_heads: int, dtype: Any, name: Optional[str] = None, **common):
-  """Instantiates the mechanism of `spec` (unbound flax module)."""
+def check(spec) -> tuple:
+  """Validates a spec without building it; returns (entry, kwargs)."""
   mech, kwargs = split_spec(spec)
   entry = get(mech)
   fields = {f.name for f in dataclasses.fields(entry.cls)}
@@ -61,5 +61,12 @@ def build(spec, *, num_heads: int, dtype: Any, name: Optional[str] = None, **com
   if bad:
     valid = sorted(fields - {"parent", "name", "num_heads", "dtype"})
     raise ValueError(f"attention {mech!r} has no option(s) {sorted(bad)}; valid options: {valid}")
+  return entry, kwargs
+
+
+def build(spec, *, num_heads: int, dtype: Any, name: Optional[str] = None, **common):
+  """Instantiates the mechanism of `spec` (unbound flax module)."""
+  entry, kwargs = check(spec)
+  fields = {f.name for f in dataclasses.fields(entry.cls)}
   common = {k: v for k, v in common.items() if k in fields and k not in kwargs}
   return entry.cls(num_heads=num_heads, dtype=dtype, name=name, **common, **kwargs)

@@ -258,6 +258,12 @@ class ViT(nn.Module):
     n_patches = self.grid[0] * self.grid[1]
     plan = entry.cls.plan(options, depth=self.depth, num_patches=n_patches,
                           num_prefix=self.num_prefix)
+    if getattr(entry.cls, "reads_cls_score_norm", False) and "score_norm" not in options:
+      # score-based reducers read a non-softmax [CLS] row the way its attention says (zoo R4)
+      specs = self.attention_specs()
+      plan = [kw if kw is None else {**kw, "score_norm": attn_lib.get(
+          attn_lib.registry.split_spec(specs[i])[0]).caps.cls_score_norm}
+              for i, kw in enumerate(plan)]
     return [None if kw is None else (entry, kw) for kw in plan]
 
   @property
@@ -272,7 +278,7 @@ class ViT(nn.Module):
       if item is None:
         continue
       entry, _ = item
-      src = i if entry.slot == "mid" else i - 1
+      src = i - 1 if entry.slot == "pre" else i  # "mid" and "ahead" read their own block
       if entry.needs and src < 0:
         raise ValueError(f"token reducer {entry.name!r} at block 0 needs the attention of the "
                          "previous block; place it at block 1 or later")
@@ -297,13 +303,13 @@ class ViT(nn.Module):
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
     specs = self.attention_specs()
-    entries = [attn_lib.get(attn_lib.registry.split_spec(s)[0]) for s in specs]
+    entries = [attn_lib.registry.check(s)[0] for s in specs]
     plan = self.reduction_plan()
     needs = self.layer_needs(plan)
     reduced = False
     for i in range(self.depth):
       item = plan[i]
-      if item is not None and item[0].slot == "pre":
+      if item is not None and item[0].slot in ("pre", "ahead"):
         reduced = True
       if entries[i].caps.needs_grid and reduced:
         raise ValueError(f"block {i} uses grid attention {entries[i].name!r} after a token "
@@ -402,17 +408,34 @@ class ViT(nn.Module):
       if plan[i] is not None:
         entry, kw = plan[i]
         reducer = entry.cls(num_prefix=self.num_prefix, dtype=self.dtype, name=f"reduce_{i}", **kw)
-      if reducer is not None and entry.slot == "pre":
-        x, state = reducer(x, state, prev_aux, deterministic=not train)
+      need, before = needs[i], (x, state)
+      if reducer is not None and entry.slot == "ahead":
+        # one-step-ahead (MCTF): this block's attention on the tokens before the reduction feeds
+        # the reducer; its output is discarded (XLA drops the unused P.V and projection)
+        _, ahead_aux = attend(blk, x, self.context(state, reduced), need, not train)
+        need = ()
+      if reducer is not None and entry.slot in ("pre", "ahead"):
+        x, state = reducer(x, state, ahead_aux if entry.slot == "ahead" else prev_aux,
+                           deterministic=not train)
         reduced = True
-      x, aux = attend(blk, x, self.context(state, reduced), needs[i], not train)
+        self.record_state(out, i, state)
+      x, aux = attend(blk, x, self.context(state, reduced), need, not train)
       if reducer is not None and entry.slot == "mid":
         x, state = reducer(x, state, aux, deterministic=not train)
         reduced = True
+        self.record_state(out, i, state)
       x = feed_forward(blk, x, not train)
+      if reducer is not None and getattr(reducer, "fuses_back", False):
+        # TokenFuser: the block ran on learned tokens; map them back onto its input tokens
+        x, state = reducer.fuse_back(x, state, *before, deterministic=not train)
       prev_aux = aux
       out[f"block_{i}"] = x
     return x, state
+
+  def record_state(self, out: dict, block: int, state):
+    """With track_source=True, keeps each reducer's output state as out["token_state_{block}"]."""
+    if self.track_source:
+      out[f"token_state_{block}"] = state
 
   @nn.compact
   def __call__(self, images, *, train: bool = False):

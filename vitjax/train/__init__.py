@@ -1,0 +1,1 @@
+"""The training loop and its parts: mesh/sharding, optimizer, checkpoints, metrics."""

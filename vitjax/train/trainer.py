@@ -1,0 +1,252 @@
+"""The jit-sharded training loop, readable top to bottom: `train_and_evaluate(config, workdir)`."""
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vitjax import config_lib, models
+from vitjax.train import checkpoint as ckpt_lib
+from vitjax.train import mesh as mesh_lib
+from vitjax.train import metrics as metrics_lib
+from vitjax.train import optim
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def say(msg: str):
+  """A line on the console of process 0 (absl logging stays quiet: orbax is chatty)."""
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+# ------------------------------------------------------------------ losses and steps
+def cross_entropy(logits, labels, num_classes: int, smoothing: float = 0.0):
+  onehot = jax.nn.one_hot(labels, num_classes)
+  if smoothing:
+    onehot = optax.smooth_labels(onehot, smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
+
+
+def make_train_step(model, tx, config):
+  """One optimizer update on a global batch, optionally accumulated over micro-batches."""
+  accum = config.optimizer.get("grad_accum_steps", 1)
+  smoothing = config.get("label_smoothing", 0.0)
+
+  def loss_fn(params, images, labels, rng):
+    (logits, _), extra = model.apply({"params": params}, images, train=True,
+                                     rngs={"dropout": rng}, mutable=["losses"])
+    loss = cross_entropy(logits, labels, model.num_classes, smoothing).mean()
+    # Reducers such as DynamicViT sow their own (already weighted) losses.
+    aux_loss = sum(jnp.sum(v) for v in jax.tree_util.tree_leaves(extra.get("losses", {})))
+    return loss + aux_loss, (loss, logits)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def step_fn(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    images, labels = batch["image"], batch["label"]
+    if accum == 1:
+      (_, (loss, logits)), grads = grad_fn(state.params, images, labels, rng)
+      correct = jnp.mean(jnp.argmax(logits, -1) == labels)
+    else:
+      micro = lambda x: x.reshape(accum, -1, *x.shape[1:])
+      zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+
+      def body(carry, xs):
+        g_sum, l_sum, c_sum = carry
+        i, im, lb = xs
+        (_, (l, lg)), g = grad_fn(state.params, im, lb, jax.random.fold_in(rng, i))
+        g_sum = jax.tree_util.tree_map(jnp.add, g_sum, g)
+        return (g_sum, l_sum + l, c_sum + jnp.mean(jnp.argmax(lg, -1) == lb)), None
+
+      (grads, loss, correct), _ = jax.lax.scan(
+          body, (zeros, 0.0, 0.0), (jnp.arange(accum), micro(images), micro(labels)))
+      grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
+      loss, correct = loss / accum, correct / accum
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    metrics = {"train/loss": loss, "train/accuracy": correct,
+               "train/grad_norm": optax.tree.norm(grads)}
+    return new_state, metrics
+
+  return step_fn
+
+
+def make_eval_step(model):
+  def eval_step(params, batch):
+    logits, _ = model.apply({"params": params}, batch["image"], train=False)
+    mask = batch["mask"].astype(jnp.float32)
+    labels = batch["label"]
+    loss = cross_entropy(logits, labels, model.num_classes)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    return {"loss": jnp.sum(loss * mask),
+            "top1": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+            "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+            "count": jnp.sum(mask)}
+  return eval_step
+
+
+# ------------------------------------------------------------------ setup helpers
+def durations(config, train_examples: int) -> dict:
+  """Converts epochs to steps; returns total, warm-up, log, eval and checkpoint intervals."""
+  steps_per_epoch = max(train_examples // config.batch_size, 1)
+
+  def steps(name, default=None):
+    if config.get(f"{name}_steps") is not None:
+      return int(config.get(f"{name}_steps"))
+    if config.get(f"{name}_epochs") is not None:
+      return int(round(config.get(f"{name}_epochs") * steps_per_epoch))
+    return default
+
+  total = steps("total")
+  return dict(steps_per_epoch=steps_per_epoch, total=total, warmup=steps("warmup", 0),
+              log=steps("log_every", 50), eval=steps("eval_every", total),
+              checkpoint=steps("checkpoint_every", total))
+
+
+def check_batch(config, mesh):
+  shards = mesh_lib.num_batch_shards(mesh)
+  micro = config.batch_size // config.optimizer.get("grad_accum_steps", 1)
+  if micro % shards:
+    raise ValueError(f"batch_size {config.batch_size} (micro-batch {micro}) is not divisible by "
+                     f"the {shards} batch shards of the mesh {dict(mesh.shape)}")
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes")
+
+
+def build_model(config, data_info):
+  image_size = config.get("image_size") or data_info.image_shape[:2]
+  return models.build(config.model, num_classes=data_info.num_classes, image_size=image_size,
+                      dtype=config.get("dtype", "float32"))
+
+
+def create_state(model, tx, config, mesh, image_shape):
+  """Creates the train state directly into its shardings (no full copy on one device)."""
+  def init(rng):
+    p_rng, d_rng, s_rng = jax.random.split(rng, 3)
+    dummy = jnp.zeros((1, *image_shape), jnp.float32)
+    params = model.init({"params": p_rng, "dropout": d_rng}, dummy)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=s_rng)
+
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  rules = [tuple(r) for r in config.get("sharding_rules", ())]
+  shardings = mesh_lib.shardings_like(abstract, mesh, config.get("sharding", "dp"), rules,
+                                      config.get("fsdp_min_size", 2 ** 14))
+  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
+  return state, shardings
+
+
+def global_batch(local: dict, sharding) -> dict:
+  """Per-host numpy shards -> one global jax.Array per field."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}
+
+
+def evaluate(eval_step, params, config, batch_sharding) -> dict:
+  from vitjax import data  # pylint: disable=import-outside-toplevel
+  totals = None
+  for local in data.make_eval_batches(config.data, global_batch_size=config.batch_size):
+    out = eval_step(params, global_batch(local, batch_sharding))
+    totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+  totals = jax.device_get(totals)
+  n = max(float(totals["count"]), 1.0)
+  return {"eval/loss": totals["loss"] / n, "eval/top1": totals["top1"] / n,
+          "eval/top5": totals["top5"] / n, "eval/count": totals["count"]}
+
+
+# ------------------------------------------------------------------ the loop
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir`; rerunning the same command resumes from the last checkpoint."""
+  from vitjax import data  # pylint: disable=import-outside-toplevel  (tfds/grain are heavy)
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  check_batch(config, mesh)
+  info = data.get_info(config.data)
+  model = build_model(config, info)
+  steps = durations(config, info.num_examples[config.data.train_split])
+  tx, lr_fn = optim.make_optimizer(config.optimizer, steps["total"], steps["warmup"])
+
+  state, state_shardings = create_state(model, tx, config, mesh, info.image_shape)
+  n_params = models.num_params(state.params)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  train_step = jax.jit(make_train_step(model, tx, config),
+                       in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, None), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, batch_sharding))
+
+  data_iter = iter(data.make_train_loader(config.data, global_batch_size=config.batch_size,
+                                          seed=config.seed))
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
+                               keep_every=config.get("keep_checkpoint_every_steps"),
+                               async_save=config.get("async_checkpoints", True))
+  start = 0
+  if ckpt.latest_step() is not None:
+    abstract = ckpt_lib.abstract_with_shardings(state, state_shardings)
+    state, start = ckpt.restore(abstract, data_iter)
+  writer = metrics_lib.MetricWriter(workdir)
+  say(f"{type(model).__name__}: {n_params:,} parameters; {steps['total']} steps "
+      f"({steps['steps_per_epoch']} per epoch) on mesh {dict(mesh.shape)}"
+      + (f"; resumed at step {start}" if start else ""))
+
+  bar = metrics_lib.progress_bar(steps["total"], start)
+  t_start, images_seen, train_time, pending = time.time(), 0, 0.0, []
+  t_last = time.perf_counter()
+  eval_metrics = {}
+  for step in range(start, steps["total"]):
+    batch = global_batch(next(data_iter), batch_sharding)
+    state, m = train_step(state, batch)
+    pending.append(m)
+    done = step + 1
+    if done % steps["log"] == 0 or done == steps["total"]:
+      m = jax.device_get(pending)  # one host sync per log interval, not per step
+      now = time.perf_counter()
+      dt, n_img = now - t_last, len(pending) * config.batch_size
+      if step >= start + len(pending):  # skip the interval that includes compilation
+        train_time, images_seen = train_time + dt, images_seen + n_img
+      scalars = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
+      scalars.update({"train/lr": float(lr_fn(done)), "train/images_per_sec": n_img / dt})
+      if not all(math.isfinite(v) for v in scalars.values()):
+        raise FloatingPointError(f"non-finite training metrics at step {done}: {scalars}")
+      writer.write(done, scalars)
+      bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", img_s=f"{n_img / dt:.0f}")
+      pending, t_last = [], time.perf_counter()
+    if done % steps["eval"] == 0 or done == steps["total"]:
+      eval_metrics = evaluate(eval_step, state.params, config, batch_sharding)
+      writer.write(done, eval_metrics)
+      bar.write(f"step {done}: eval top-1 {eval_metrics['eval/top1']:.4f} "
+                f"loss {eval_metrics['eval/loss']:.4f}")
+      t_last = time.perf_counter()  # evaluation time is not training time
+    stop = done == config.get("stop_at_step")  # a planned interruption (tests, time limits)
+    if done % steps["checkpoint"] == 0 or done == steps["total"] or stop:
+      ckpt.save(done, state, data_iter, force=True)
+    bar.update(1)
+    if stop:
+      break
+  bar.close()
+  if not eval_metrics:  # e.g. resumed after the last step: report the final model anyway
+    eval_metrics = evaluate(eval_step, state.params, config, batch_sharding)
+  ckpt.close()
+  writer.close()
+
+  summary = {"final_step": int(state.step), "num_params": n_params,
+             "wall_time_s": time.time() - t_start,
+             "train_images_per_sec": images_seen / train_time if train_time else None,
+             **{k.replace("/", "_"): float(v) for k, v in eval_metrics.items()}}
+  metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)
+  return summary
