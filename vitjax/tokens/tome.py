@@ -1,0 +1,154 @@
+"""T3 `tome`: Token Merging by bipartite soft matching (Bolya et al., ICLR 2023).
+
+In every block, after the attention residual: split the tokens by parity (A = even, B = odd),
+match each A token to its most similar B token (cosine of the head-mean keys), merge the r best
+matched A tokens into their B partners (size-weighted average) and keep the others. Prefix tokens
+are never merged. `prop_attn=True` (a model option) adds log(size) to the attention logits.
+"""
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitjax.tokens import registry
+from vitjax.tokens.base import Reducer, TokenState, take_tokens
+from vitjax.tokens.evit import DEFAULT_LOCATIONS, check_locations, check_options, per_location
+
+METRICS = ("keys", "x")
+
+
+def parse_r(num_layers: int, r, inflect: float = 0.0) -> list:
+  """ToMe's r schedule: an int (constant, or with an inflection) or an explicit list (0-padded).
+
+  inflect -1 is the paper's "decreasing" schedule, from about 2r down to 0.
+  """
+  if isinstance(r, (list, tuple)):
+    r = [int(v) for v in r]
+    if len(r) > num_layers:
+      raise ValueError(f"tome.r lists {len(r)} values for {num_layers} blocks")
+    return r + [0] * (num_layers - len(r))
+  lo = int(r * (1.0 - inflect))
+  hi = 2 * r - lo
+  step = (hi - lo) / (num_layers - 1) if num_layers > 1 else 0.0
+  return [int(lo + step * i) for i in range(num_layers)]
+
+
+def merge_counts(rs, num_tokens: int, num_prefix: int) -> list:
+  """The r actually merged in each block: min(r_l, (t - p) // 2), with t the current count."""
+  t, out = num_tokens, []
+  for r in rs:
+    r = max(0, min(int(r), (t - num_prefix) // 2))
+    out.append(r)
+    t -= r
+  return out
+
+
+def haurum_rs(keep_rate, locations, num_patches: int) -> list:
+  """Benchmark variant: r_s = n_{s-1} - int(num_patches * kr**s), from the target counts."""
+  kr = per_location("tome", keep_rate, tuple(locations))
+  ratios = kr if isinstance(keep_rate, (list, tuple)) else [kr[0] ** (s + 1) for s in
+                                                            range(len(kr))]
+  targets = [int(r * num_patches) for r in ratios]
+  prev = [num_patches] + targets[:-1]
+  return [p - t for p, t in zip(prev, targets)]
+
+
+def output_order(num_unm: int, num_b: int, num_prefix: int) -> np.ndarray:
+  """Static permutation of [unm ; dst] that puts the prefix back in front, in its order."""
+  prefix = [(p // 2) if p % 2 == 0 else num_unm + p // 2 for p in range(num_prefix)]
+  n_pa, n_pb = (num_prefix + 1) // 2, num_prefix // 2
+  rest = list(range(n_pa, num_unm)) + list(range(num_unm + n_pb, num_unm + num_b))
+  return np.asarray(prefix + rest, np.int32)
+
+
+def match(metric, r: int, num_prefix: int):
+  """Bipartite soft matching under stop-gradient -> (unm [B,nA-r], src [B,r], dst [B,r]).
+
+  unm indexes A (sorted, so the prefix stays first), src indexes A, dst indexes B.
+  """
+  metric = jax.lax.stop_gradient(metric.astype(jnp.float32))
+  metric = metric / jnp.linalg.norm(metric, axis=-1, keepdims=True)
+  a, b = metric[:, ::2], metric[:, 1::2]
+  scores = jnp.einsum("bid,bjd->bij", a, b)
+  rows = jnp.arange(a.shape[1]) * 2 < num_prefix      # protected A tokens
+  cols = jnp.arange(b.shape[1]) * 2 + 1 < num_prefix  # protected B tokens (distillation token)
+  scores = jnp.where(rows[None, :, None] | cols[None, None, :], -jnp.inf, scores)
+  node_max, node_idx = scores.max(-1), scores.argmax(-1)
+  order = jnp.argsort(-node_max, axis=-1, stable=True)
+  src, unm = order[:, :r], jnp.sort(order[:, r:], axis=-1)
+  dst = jnp.take_along_axis(node_idx, src, axis=1)
+  return unm, src, dst
+
+
+def merge_sum(t, unm, src, dst, num_prefix: int):
+  """Sums each merged A entry into its B partner: [B,T,...] -> [B,T-r,...], prefix first.
+
+  One one-hot contraction (deterministic) instead of a scatter loop over sources.
+  """
+  a, b = t[:, ::2], t[:, 1::2]
+  moved = take_tokens(a, src)
+  onehot = jax.nn.one_hot(dst, b.shape[1], dtype=moved.dtype)          # [B, r, nB]
+  flat = moved.reshape(*moved.shape[:2], -1)
+  b = b + jnp.einsum("brn,brf->bnf", onehot, flat).reshape(b.shape)
+  out = jnp.concatenate([take_tokens(a, unm), b], axis=1)
+  return out[:, output_order(unm.shape[1], b.shape[1], num_prefix)]
+
+
+def merge_weighted(t, weight, unm, src, dst, num_prefix: int):
+  """Weighted mean of each merged group: sum(w * t) / sum(w); weight [B, T]."""
+  w = weight.reshape(weight.shape + (1,) * (t.ndim - 2))
+  num = merge_sum(t.astype(jnp.float32) * w, unm, src, dst, num_prefix)
+  den = merge_sum(w, unm, src, dst, num_prefix)
+  return (num / den).astype(t.dtype)
+
+
+def merge_state(state: TokenState, unm, src, dst, num_prefix: int) -> TokenState:
+  """Sizes and sources add up; pos is the size-weighted mean; valid is kept from the B side."""
+  def summed(t):
+    return None if t is None else merge_sum(t, unm, src, dst, num_prefix)
+  pos = None
+  if state.pos is not None:
+    pos = merge_weighted(jnp.nan_to_num(state.pos), state.size, unm, src, dst, num_prefix)
+    is_prefix = jnp.arange(pos.shape[1]) < num_prefix
+    pos = jnp.where(is_prefix[None, :, None], jnp.nan, pos)
+  valid = None
+  if state.valid is not None:
+    valid = merge_sum(state.valid.astype(jnp.float32), unm, src, dst, num_prefix) > 0
+  return TokenState(size=summed(state.size), source=summed(state.source), pos=pos, valid=valid)
+
+
+@registry.register("tome", needs=("key_metric",), slot="mid",
+                   paper="ToMe: Token Merging: Your ViT but Faster (Bolya et al., ICLR 2023)")
+class ToMe(Reducer):
+  """Merges `r` tokens into their most similar partners (size-weighted average)."""
+  r: int = 0
+  metric: str = "keys"   # "keys": head-mean keys of this block; "x": the tokens themselves
+
+  options: ClassVar[tuple] = ("r", "inflect", "metric", "keep_rate", "locations")
+
+  @classmethod
+  def plan(cls, options, *, depth, num_patches, num_prefix):
+    check_options("tome", options, cls.options)
+    metric = options.get("metric", "keys")
+    if metric not in METRICS:
+      raise ValueError(f"tome.metric must be one of {METRICS}, got {metric!r}")
+    if "keep_rate" in options:
+      if "r" in options:
+        raise ValueError("tome takes either r (per block) or keep_rate (+ locations), not both")
+      locations = check_locations("tome", options.get("locations", DEFAULT_LOCATIONS), depth)
+      rs = [0] * depth
+      for loc, r in zip(locations, haurum_rs(options["keep_rate"], locations, num_patches)):
+        rs[loc] = r
+    else:
+      if "locations" in options:
+        raise ValueError("tome.locations goes with keep_rate; with r, ToMe merges in every block")
+      rs = parse_r(depth, options.get("r", 0), float(options.get("inflect", 0.0)))
+    rs = merge_counts(rs, num_prefix + num_patches, num_prefix)
+    return [dict(r=r, metric=metric) if r > 0 else None for r in rs]
+
+  def __call__(self, x, state, aux, *, deterministic=True):
+    metric = x if self.metric == "x" else aux["key_metric"]
+    unm, src, dst = match(metric, self.r, self.num_prefix)
+    x = merge_weighted(x, state.size, unm, src, dst, self.num_prefix)
+    return x, merge_state(state, unm, src, dst, self.num_prefix)
