@@ -1,0 +1,690 @@
+"""Attention zoo, Tier G part B (G12-G22): each mechanism against a naive formula written here,
+the spec's special cases, R2 (duplicate tokens), R3 (permutation), key masks, aux shapes, jit, bf16,
+and a tiny ViT. Shapes: B=2, N=17 (CLS + 4x4 grid), D=64, H=4, fp32.
+"""
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitjax import attention, models
+from vitjax.attention import gqa as gqa_lib
+from vitjax.attention.base import AttnContext
+
+B, N, D, H = 2, 17, 64, 4
+DH = D // H
+GRID = (4, 4)
+ATOL = 2e-5
+
+NAMES = ["gqa", "mqa", "kdgqa", "dgqa", "moh", "latte", "sra", "sra_tokenset", "selective",
+         "neural", "gaam", "levit_bias", "causal_postcls", "rope1d", "rope2d_axial"]
+OPTIONS = {"gqa": dict(num_kv_heads=2), "kdgqa": dict(num_kv_heads=2), "latte": dict(num_latents=8),
+           "sra_tokenset": dict(num_pooled=4), "levit_bias": dict(grid=GRID),
+           "rope1d": dict(grid=GRID), "causal_postcls": dict(r=0.3)}
+
+
+# ----------------------------------------------------------------------------- helpers
+def positions(b=B, grid=GRID, prefix=1):
+  rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
+  pos = np.stack([rows.ravel(), cols.ravel()], -1).astype(np.float32)
+  pos = np.concatenate([np.full((prefix, 2), np.nan, np.float32), pos])
+  return jnp.asarray(np.broadcast_to(pos, (b,) + pos.shape))
+
+
+def context(**kw):
+  base = dict(pos=positions(), grid=GRID, num_prefix=1, cls_index=0)
+  base.update(kw)
+  return AttnContext(**base)
+
+
+def tokens(seed=0, n=N, b=B):
+  return jax.random.normal(jax.random.PRNGKey(seed), (b, n, D), jnp.float32)
+
+
+def module(name, **kw):
+  return attention.build(dict(name=name, **{**OPTIONS.get(name, {}), **kw}), num_heads=H,
+                         dtype=jnp.float32)
+
+
+def init(mod, x, ctx, perturb=0.1, seed=1):
+  """Parameters, with zero-initialised pieces (gates, tables) moved off zero."""
+  variables = flax.core.unfreeze(mod.init(jax.random.PRNGKey(seed), x, ctx))
+  params = variables["params"]
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed + 7), len(leaves))
+  leaves = [p + perturb * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)]
+  variables["params"] = jax.tree_util.tree_unflatten(tree, leaves)
+  return variables
+
+
+def run(mod, variables, x, ctx, need=()):
+  return mod.apply(variables, x, ctx, need=tuple(need))
+
+
+def dense(p, x):
+  return x @ p["kernel"] + (p["bias"] if "bias" in p else 0.0)
+
+
+def split_heads(t):
+  return t.reshape(*t.shape[:-1], -1, DH)
+
+
+def qkv(p, x, kv_heads=H):
+  t = dense(p["qkv"], x)
+  q, k, v = jnp.split(t, [H * DH, (H + kv_heads) * DH], axis=-1)
+  return split_heads(q), split_heads(k), split_heads(v)
+
+
+def layer_norm(p, x, eps=1e-6):
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  return (x - mu) / jnp.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def softmax(s, axis=-1):
+  e = jnp.exp(s - s.max(axis, keepdims=True))
+  return e / e.sum(axis, keepdims=True)
+
+
+def head_attend(q, k, v, bias=None):
+  """Per-head loop: q [B,N,H,d], k, v [B,M,H,d]; bias broadcastable to [B,H,N,M]."""
+  outs = []
+  for h in range(q.shape[2]):
+    s = q[:, :, h] @ jnp.swapaxes(k[:, :, h], 1, 2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+      s = s + jnp.broadcast_to(bias, (q.shape[0], q.shape[2]) + s.shape[1:])[:, h]
+    outs.append(softmax(s) @ v[:, :, h])
+  return jnp.stack(outs, axis=2)
+
+
+def out_proj(p, y):
+  return dense(p["proj"], y.reshape(*y.shape[:2], -1))
+
+
+def mhsa_naive(p, x, bias=None):
+  q, k, v = qkv(p, x)
+  return out_proj(p, head_attend(q, k, v, bias))
+
+
+def check_against(mod, variables, naive, x, ctx, atol=ATOL):
+  """Forward and gradient (w.r.t. x and params) of the module equal those of `naive(params, x)`."""
+  params = variables["params"]
+  rest = {k: v for k, v in variables.items() if k != "params"}
+  ct = jax.random.normal(jax.random.PRNGKey(5), x.shape)
+
+  def forward_and_grad(fn):  # eager: primitives compile once per shape and are reused by tests
+    y, vjp = jax.vjp(fn, params, x)
+    return y, vjp(ct)
+  ya, ga = forward_and_grad(lambda p, x: mod.apply({**rest, "params": p}, x, ctx)[0])
+  yb, gb = forward_and_grad(naive)
+  np.testing.assert_allclose(ya, yb, atol=atol, rtol=1e-4)
+  for a, b in zip(jax.tree_util.tree_leaves(ga), jax.tree_util.tree_leaves(gb)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-3)
+
+
+def mhsa_with(params_src, x, ctx):
+  """G1 MHSA run with the qkv/proj weights of another mechanism."""
+  mhsa = attention.build("mhsa", num_heads=H, dtype=jnp.float32)
+  p = {"qkv": params_src["qkv"], "proj": params_src["proj"]}
+  return mhsa.apply({"params": p}, x, ctx)[0]
+
+
+# ----------------------------------------------------------------------------- G12/G13 gqa family
+def test_gqa_naive():
+  mod, x, ctx = module("gqa", num_kv_heads=2), tokens(), context()
+  variables = init(mod, x, ctx)
+
+  def naive(p, x):
+    q, k, v = qkv(p, x, kv_heads=2)
+    g = [h * 2 // H for h in range(H)]
+    return out_proj(p, head_attend(q, k[:, :, g], v[:, :, g]))
+  check_against(mod, variables, naive, x, ctx)
+
+
+def test_gqa_full_groups_is_mhsa_and_mqa_is_one_group():
+  x, ctx = tokens(), context()
+  mod = module("gqa", num_kv_heads=H)
+  variables = init(mod, x, ctx)
+  np.testing.assert_allclose(run(mod, variables, x, ctx)[0], mhsa_with(variables["params"], x, ctx),
+                             atol=ATOL)
+  mqa, one = module("mqa"), module("gqa", num_kv_heads=1)
+  variables = init(mqa, x, ctx)
+  np.testing.assert_allclose(run(mqa, variables, x, ctx)[0], run(one, variables, x, ctx)[0],
+                             atol=1e-6)
+  assert variables["params"]["qkv"]["kernel"].shape == (D, (H + 2) * DH)
+
+
+def test_key_norm_allocation():
+  # min-max scaled norms [0, .5, 1] -> shares [0, 4/3, 8/3] of 4 heads -> counts [0, 1, 3]
+  groups = gqa_lib.allocate_queries(jnp.asarray([1.0, 2.0, 3.0]), 4)
+  np.testing.assert_array_equal(groups, [1, 2, 2, 2])
+  np.testing.assert_array_equal(gqa_lib.allocate_queries(jnp.ones(2), 4), [0, 0, 1, 1])
+  np.testing.assert_array_equal(gqa_lib.allocate_queries(jnp.asarray([5.0, 1.0]), 3), [0, 0, 0])
+
+
+def test_kdgqa_naive():
+  mod, x, ctx = module("kdgqa", num_kv_heads=2), tokens(), context()
+  variables = init(mod, x, ctx)
+
+  groups = []  # the allocation is under stop-gradient: compute it once from concrete keys
+  for kb in np.asarray(qkv(variables["params"], x, kv_heads=2)[1]):
+    norms = np.sqrt((kb.astype(np.float64) ** 2).sum((0, 2)))
+    share = (norms - norms.min()) / (norms.max() - norms.min())
+    share = share / share.sum() * H
+    counts = np.floor(share).astype(int)
+    for i in np.argsort(-(share - counts), kind="stable")[:H - counts.sum()]:
+      counts[i] += 1
+    groups.append(np.repeat(np.arange(2), counts))
+
+  def naive(p, x):
+    q, k, v = qkv(p, x, kv_heads=2)
+    outs = [head_attend(q[b:b + 1], k[b:b + 1][:, :, g], v[b:b + 1][:, :, g])
+            for b, g in enumerate(groups)]
+    return out_proj(p, jnp.concatenate(outs))
+  check_against(mod, variables, naive, x, ctx)
+
+
+def test_dgqa_ema_updates_only_when_mutable():
+  mod, x, ctx = module("dgqa", num_kv_heads=2), tokens(), context()
+  variables = init(mod, x, ctx)
+  np.testing.assert_allclose(variables["batch_stats"]["key_norm_ema"], jnp.ones(2))
+  y0 = run(mod, variables, x, ctx)[0]  # equal norms: uniform groups = gqa
+  np.testing.assert_allclose(y0, run(module("gqa", num_kv_heads=2), variables, x, ctx)[0],
+                             atol=1e-6)
+  _, new = mod.apply(variables, x, ctx, deterministic=False, mutable=["batch_stats"])
+  ema = new["batch_stats"]["key_norm_ema"]
+  k = qkv(variables["params"], x, 2)[1]
+  norms = jnp.sqrt((k ** 2).sum((1, 3))).mean(0)
+  np.testing.assert_allclose(ema, 0.99 + 0.01 * norms, rtol=1e-5)
+  y_params_only = mod.apply({"params": variables["params"]}, x, ctx)[0]
+  np.testing.assert_allclose(y_params_only, y0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- G14 moh
+def moh_gates(p, x, s, k):
+  r = H - s
+  shared = jnp.ones(x.shape[:2] + (s,))
+  if s > 1:
+    shared = softmax(dense(p["router_shared"], x)) * s
+  probs = softmax(dense(p["router_routed"], x))
+  order = jnp.argsort(-probs, axis=-1)
+  mask = (jnp.argsort(order, axis=-1) < k).astype(jnp.float32)
+  routed = probs * mask / (probs * mask).sum(-1, keepdims=True) * k
+  mix = softmax(dense(p["router_mix"], x)) * 2
+  return jnp.concatenate([shared * mix[..., :1], routed * mix[..., 1:]], -1), r
+
+
+def test_moh_naive():
+  mod, x, ctx = module("moh", num_shared=2, num_active=3), tokens(), context()
+  variables = init(mod, x, ctx, perturb=0.3)
+
+  def naive(p, x):
+    q, k, v = qkv(p, x)
+    gates, _ = moh_gates(p, x, 2, 1)
+    return out_proj(p, head_attend(q, k, v) * gates[..., None])
+  check_against(mod, variables, naive, x, ctx)
+  gates, _ = moh_gates(variables["params"], x, 2, 1)
+  assert int((gates > 0).sum(-1).min()) == int((gates > 0).sum(-1).max()) == 3
+
+
+def test_moh_all_heads_zero_router_is_mhsa_and_balance_loss():
+  x, ctx = tokens(), context()
+  mod = module("moh", num_shared=1, num_active=H)
+  variables = init(mod, x, ctx)
+  params = dict(variables["params"])
+  for name in ("router_routed", "router_mix"):
+    params[name] = jax.tree_util.tree_map(jnp.zeros_like, params[name])
+  y = mod.apply({"params": params}, x, ctx)[0]
+  np.testing.assert_allclose(y, mhsa_with(params, x, ctx), atol=ATOL)
+  _, state = mod.apply({"params": params}, x, ctx, deterministic=False, mutable=["losses"])
+  # uniform routing, top-K of R kept: R * sum_h (1/R) * (K/R) = K, its minimum (here K = R = 3)
+  np.testing.assert_allclose(state["losses"]["moh_balance"][0], 3.0, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- G15 latte
+def latte_naive(p, x, lat=8):
+  qt = dense(p["q_latent"], x).reshape(B, -1, H, lat)
+  kt = dense(p["k_latent"], x).reshape(B, -1, H, lat)
+  v = split_heads(dense(p["v"], x))
+  outs = []
+  for h in range(H):
+    a = softmax(qt[:, :, h], axis=-1)          # p(l|i) [B,N,L]
+    c = softmax(kt[:, :, h], axis=1)           # p(j|l) over tokens [B,N,L]
+    outs.append((a @ jnp.swapaxes(c, 1, 2)) @ v[:, :, h])
+  return out_proj(p, jnp.stack(outs, 2))
+
+
+def test_latte_naive_and_row_stochastic():
+  mod, x, ctx = module("latte"), tokens(), context()
+  variables = init(mod, x, ctx)
+  check_against(mod, variables, latte_naive, x, ctx)
+  attn = run(mod, variables, x, ctx, need=("attn",))[1]["attn"]
+  np.testing.assert_allclose(attn.sum(-1), 1.0, atol=1e-5)
+
+
+def test_latte_single_latent_same_output_everywhere():
+  mod, x, ctx = module("latte", num_latents=1), tokens(), context()
+  y = run(mod, init(mod, x, ctx), x, ctx)[0]
+  np.testing.assert_allclose(y, jnp.broadcast_to(y[:, :1], y.shape), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- G16 sra
+def sra_keys_naive(p, x, r):
+  grid = x[:, 1:].reshape(B, GRID[0] // r, r, GRID[1] // r, r, D)
+  cells = jnp.einsum("bhpwqc,pqcd->bhwd", grid, p["sr"]["kernel"]) + p["sr"]["bias"]
+  red = layer_norm(p["norm"], cells.reshape(B, -1, D), eps=1e-5)
+  return jnp.concatenate([x[:, :1], red], axis=1)
+
+
+def test_sra_naive_and_recomputed_cls_row():
+  mod, x, ctx = module("sra", sr_ratio=2), tokens(), context()
+  variables = init(mod, x, ctx)
+
+  def naive(p, x):
+    q = split_heads(dense(p["q"], x))
+    k, v = jnp.split(dense(p["kv"], sra_keys_naive(p, x, 2)), 2, axis=-1)
+    return out_proj(p, head_attend(q, split_heads(k), split_heads(v)))
+  check_against(mod, variables, naive, x, ctx)
+  aux = run(mod, variables, x, ctx, need=("cls_probs", "cls_probs_per_head", "key_metric"))[1]
+  p = variables["params"]
+  q = split_heads(dense(p["q"], x))
+  k_full = split_heads(jnp.split(dense(p["kv"], x), 2, axis=-1)[0])
+  row = softmax(jnp.einsum("bhd,bmhd->bhm", q[:, 0], k_full) / math.sqrt(DH))
+  np.testing.assert_allclose(aux["cls_probs_per_head"], row, atol=1e-6)
+  np.testing.assert_allclose(aux["cls_probs"], row.mean(1), atol=1e-6)
+  np.testing.assert_allclose(aux["key_metric"], k_full.mean(2), atol=1e-6)
+
+
+def test_sra_ratio_one_is_plain_attention_and_linear_form_runs():
+  mod, x, ctx = module("sra", sr_ratio=1), tokens(), context()
+  variables = init(mod, x, ctx)
+  assert "sr" not in variables["params"]
+
+  def naive(p, x):
+    q = split_heads(dense(p["q"], x))
+    k, v = jnp.split(dense(p["kv"], x), 2, axis=-1)
+    return out_proj(p, head_attend(q, split_heads(k), split_heads(v)))
+  check_against(mod, variables, naive, x, ctx)
+  lin = module("sra", linear=True, pool_size=2)
+  y = run(lin, init(lin, x, ctx), x, ctx)[0]
+  assert y.shape == x.shape and bool(jnp.isfinite(y).all())
+  with pytest.raises(ValueError, match="grid"):
+    run(mod, variables, x, context(grid=None))
+
+
+def test_sra_tokenset_naive():
+  mod, x, ctx = module("sra_tokenset"), tokens(), context()
+  variables = init(mod, x, ctx)
+
+  def naive(p, x):
+    pre, patches = x[:, :1], x[:, 1:]
+    w = softmax(layer_norm(p["pool_norm"], patches) @ p["pool"]["kernel"], axis=1)  # [B,n,M]
+    pooled = layer_norm(p["norm"], jnp.swapaxes(w, 1, 2) @ patches)
+    k, v = jnp.split(dense(p["kv"], jnp.concatenate([pre, pooled], 1)), 2, axis=-1)
+    q = split_heads(dense(p["q"], x))
+    return out_proj(p, head_attend(q, split_heads(k), split_heads(v)))
+  check_against(mod, variables, naive, x, ctx)
+
+
+# ----------------------------------------------------------------------------- G17 selective
+def test_selective_naive_and_unit_temperatures_is_mhsa():
+  mod, x, ctx = module("selective"), tokens(), context()
+  variables = init(mod, x, ctx, perturb=0.0)
+  np.testing.assert_allclose(run(mod, variables, x, ctx)[0],
+                             mhsa_with(variables["params"], x, ctx), atol=ATOL)
+  variables = init(mod, x, ctx, perturb=0.2)
+
+  def naive(p, x):
+    q, k, v = qkv(p, x)
+    tq = 1 + jnp.tanh(dense(p["tau_q"], x))
+    tv = 1 + jnp.tanh(dense(p["tau_v"], x))
+    return out_proj(p, head_attend(q * tq[..., None], k, v * tv[..., None]))
+  check_against(mod, variables, naive, x, ctx)
+
+
+def test_selective_length_term():
+  mod, x, ctx = module("selective", ref_tokens=8), tokens(), context(size=jnp.ones((B, N)))
+  variables = init(mod, x, ctx, perturb=0.2)
+
+  def naive(p, x):
+    q, k, v = qkv(p, x)
+    scale = 1 + jax.nn.softplus(p["beta"]) * math.log(N / 8)
+    tq = (1 + jnp.tanh(dense(p["tau_q"], x))) * scale
+    tv = 1 + jnp.tanh(dense(p["tau_v"], x))
+    return out_proj(p, head_attend(q * tq[..., None], k, v * tv[..., None]))
+  check_against(mod, variables, naive, x, ctx)
+
+
+# ----------------------------------------------------------------------------- G18 neural
+def neural_naive(p, x, act=jax.nn.relu):
+  q, k, v = qkv(p, x)
+  qp, kp = dense(p["q_proj"], q), dense(p["k_proj"], k)            # [B,N,H,p]
+  n = x.shape[1]
+  cat = jnp.concatenate([jnp.broadcast_to(qp[:, :, None], (B, n, n) + qp.shape[2:]),
+                         jnp.broadcast_to(kp[:, None, :], (B, n, n) + kp.shape[2:])], -1)
+  s = act(cat @ p["score"]["fc1_kernel"] + p["score"]["fc1_bias"])
+  s = act(dense(p["score"]["fc2"], s))
+  s = dense(p["score"]["fc3"], s)[..., 0].transpose(0, 3, 1, 2)  # [B,H,N,N]
+  return out_proj(p, jnp.einsum("bhnm,bmhd->bnhd", softmax(s), v))
+
+
+def test_neural_naive_concat_form():
+  mod, x, ctx = module("neural", projection_dim=4), tokens(), context()
+  check_against(mod, init(mod, x, ctx), neural_naive, x, ctx)
+
+
+def test_neural_identity_activation_gives_identical_rows():
+  mod, x, ctx = module("neural", activation="identity"), tokens(), context()
+  attn = run(mod, init(mod, x, ctx), x, ctx, need=("attn",))[1]["attn"]
+  np.testing.assert_allclose(attn, jnp.broadcast_to(attn[:, :, :1], attn.shape), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- G19 gaam
+def gaam_naive(x, offsets, scales, heads):
+  x = np.asarray(x, np.float64)
+  out, mixture = np.zeros_like(x), np.zeros_like(x)
+  step = x.shape[-1] // heads
+  for h in range(heads):
+    for c in range(h * step, (h + 1) * step):
+      col = x[:, :, c:c + 1]
+      mu, var = col.mean(1, keepdims=True), col.var(1, ddof=1, keepdims=True) + 1e-8
+      mix = 1.0
+      for g in range(offsets.shape[1]):
+        y = (col - mu - offsets[h, g]) / np.sqrt(var)
+        mix = mix * np.exp(-y ** 2 / (2 * scales[h, g] ** 2)) / np.sqrt(2 * np.pi * scales[h, g] ** 2)
+      mixture[:, :, c:c + 1] = mix / np.maximum(mix.sum(1, keepdims=True), 1e-8)
+  return x * mixture, mixture
+
+
+def test_gaam_gate_naive_and_mixture_sums_to_one():
+  mod, x, ctx = module("gaam"), tokens(), AttnContext()
+  variables = init(mod, x, ctx, perturb=0.0)
+  p = variables["params"]
+  offsets, scales = p["gaam"]["mean_offsets"] + 0.3, jnp.abs(p["gaam"]["c"]) + 1.0
+  variables["params"]["gaam"] = {"mean_offsets": offsets, "c": scales}
+  out, mix = gaam_naive(x, np.asarray(offsets), np.asarray(scales), H)
+  y_ref = mhsa_naive(p, jnp.asarray(np.asarray(x) + out, jnp.float32))
+  np.testing.assert_allclose(run(mod, variables, x, ctx)[0], y_ref, atol=1e-4)
+  np.testing.assert_allclose(mix.sum(1), 1.0, atol=1e-6)
+
+
+def test_gaam_mixer_and_token_heads():
+  x, ctx = tokens(), AttnContext()
+  mixer = module("gaam", mode="mixer")
+  variables = init(mixer, x, ctx, perturb=0.0)
+  g = variables["params"]["gaam"]
+  ref, _ = gaam_naive(x, np.asarray(g["mean_offsets"]), np.asarray(g["c"]), H)
+  np.testing.assert_allclose(run(mixer, variables, x, ctx)[0],
+                             dense(variables["params"]["proj"], jnp.asarray(ref, jnp.float32)),
+                             atol=1e-4)
+  tok = module("gaam", head_axis="tokens", mode="mixer")
+  y = run(tok, init(tok, x, ctx), x, ctx)[0]
+  assert y.shape == x.shape and bool(jnp.isfinite(y).all())
+  with pytest.raises(ValueError, match="no reducer signals"):
+    run(mixer, variables, x, ctx, need=("cls_probs",))
+
+
+# ----------------------------------------------------------------------------- G20 levit_bias
+def levit_index(pos, grid):
+  n = pos.shape[0]
+  idx = np.zeros((n, n), np.int64)
+  known = ~np.isnan(pos).any(-1)
+  for i in range(n):
+    for j in range(n):
+      if known[i] and known[j]:
+        idx[i, j] = abs(pos[i, 0] - pos[j, 0]) * grid[1] + abs(pos[i, 1] - pos[j, 1])
+      else:
+        idx[i, j] = -1
+  return idx
+
+
+def test_levit_bias_naive_zero_table_and_shift():
+  mod, x, ctx = module("levit_bias"), tokens(), context()
+  variables = init(mod, x, ctx, perturb=0.0)
+  np.testing.assert_allclose(run(mod, variables, x, ctx)[0],
+                             mhsa_with(variables["params"], x, ctx), atol=ATOL)
+  variables = init(mod, x, ctx, perturb=0.5)
+  idx = levit_index(np.asarray(ctx.pos[0]), GRID)
+
+  def naive(p, x):
+    table = p["attention_biases"]
+    bias = jnp.where(idx >= 0, table[:, np.maximum(idx, 0)], 0.0)[None]  # [1,H,N,N]
+    return mhsa_naive(p, x, bias)
+  check_against(mod, variables, naive, x, ctx)
+  shifted = context(pos=ctx.pos + jnp.asarray([2.0, -1.0]))
+  np.testing.assert_allclose(run(mod, variables, x, shifted)[0], run(mod, variables, x, ctx)[0],
+                             atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- G21 causal_postcls
+def illama_naive(p, x_last, r):
+  """Official layout [patches, CLS]: softmax(S) * (r + (1 - r) tril), rows not renormalised."""
+  q, k, v = qkv(p, x_last)
+  n = x_last.shape[1]
+  mask = r + (1 - r) * np.tril(np.ones((n, n)))
+  outs = []
+  for h in range(H):
+    s = q[:, :, h] @ jnp.swapaxes(k[:, :, h], 1, 2) / math.sqrt(DH)
+    outs.append((softmax(s) * mask) @ v[:, :, h])
+  return out_proj(p, jnp.stack(outs, 2))
+
+
+def test_causal_postcls_cls_first_equals_official_cls_last():
+  mod, x, ctx = module("causal_postcls", r=0.3), tokens(), context()
+  variables = init(mod, x, ctx)
+  roll = lambda t: jnp.concatenate([t[:, 1:], t[:, :1]], 1)
+  unroll = lambda t: jnp.concatenate([t[:, -1:], t[:, :-1]], 1)
+  check_against(mod, variables, lambda p, x: unroll(illama_naive(p, roll(x), 0.3)), x, ctx)
+  last = context(cls_index=-1)
+  np.testing.assert_allclose(run(mod, variables, roll(x), last)[0],
+                             illama_naive(variables["params"], roll(x), 0.3), atol=ATOL)
+
+
+def test_causal_postcls_special_cases():
+  x, ctx = tokens(), context()
+  full = module("causal_postcls", r=1.0)
+  variables = init(full, x, ctx)
+  np.testing.assert_allclose(run(full, variables, x, ctx)[0],
+                             mhsa_with(variables["params"], x, ctx), atol=ATOL)
+  causal = module("causal_postcls", r=None)  # no step: r = 0
+  attn = run(causal, variables, x, context(cls_index=-1), need=("attn", "cls_probs"))[1]
+  upper = np.triu(np.ones((N, N)), 1).astype(bool)
+  assert float(jnp.abs(attn["attn"][:, :, upper]).max()) == 0.0
+  probs = run(full, variables, x, context(cls_index=-1), need=("attn",))[1]["attn"]
+  np.testing.assert_allclose(attn["attn"][:, :, -1], probs[:, :, -1], atol=1e-6)
+  np.testing.assert_allclose(attn["cls_probs"], probs[:, :, -1].mean(1), atol=1e-6)
+  pre = module("causal_postcls", causal_impl="pre_softmax_mask", r=0.2)
+  rows = run(pre, variables, x, ctx, need=("attn",))[1]["attn"].sum(-1)
+  np.testing.assert_allclose(rows, 1.0, atol=1e-5)
+  sched = module("causal_postcls", r=None, schedule="constant", cutoff_steps=10)
+  y_early = run(sched, variables, x, context(step=jnp.asarray(3)))[0]
+  np.testing.assert_allclose(y_early, run(full, variables, x, ctx)[0], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- G22 rope
+def rotate_complex(t, angles):
+  """Adjacent pairs as complex numbers times exp(i angle); t [B,N,H,c], angles [B,N,c/2]."""
+  z = (t[..., 0::2] + 1j * t[..., 1::2]) * np.exp(1j * angles)[:, :, None]
+  out = np.empty(t.shape)
+  out[..., 0::2], out[..., 1::2] = z.real, z.imag
+  return out
+
+
+def rope_angles(name, pos):
+  pos = np.asarray(pos, np.float64)
+  known = ~np.isnan(pos).any(-1)
+  if name == "rope1d":
+    p = np.where(known, pos[..., 0] * GRID[1] + pos[..., 1], GRID[0] * GRID[1])
+    return None, p[..., None] * 10000.0 ** (-np.arange(0, DH, 2) / DH)
+  pos = np.where(known[..., None], pos, 0.0)
+  freq = 10000.0 ** (-np.arange(0, DH // 2, 2) / (DH // 2))
+  return pos[..., :1] * freq, pos[..., 1:] * freq
+
+
+def rope_naive_np(name, p, x, pos):
+  q, k, v = (np.asarray(t, np.float64) for t in qkv(p, x))
+  a, b = rope_angles(name, pos)
+  if name == "rope1d":
+    q, k = rotate_complex(q, b), rotate_complex(k, b)
+  else:
+    half = DH // 2
+    q = np.concatenate([rotate_complex(q[..., :half], a), rotate_complex(q[..., half:], b)], -1)
+    k = np.concatenate([rotate_complex(k[..., :half], a), rotate_complex(k[..., half:], b)], -1)
+  y = head_attend(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), v.astype(np.float32))
+  return out_proj(p, y)
+
+
+@pytest.mark.parametrize("name", ["rope1d", "rope2d_axial"])
+def test_rope_naive_zero_positions_and_shift(name):
+  mod, x, ctx = module(name), tokens(), context()
+  variables = init(mod, x, ctx)
+  y = run(mod, variables, x, ctx)[0]
+  np.testing.assert_allclose(y, rope_naive_np(name, variables["params"], x, ctx.pos), atol=ATOL)
+  zero = context(pos=jnp.zeros((B, N, 2)))
+  np.testing.assert_allclose(run(mod, variables, x, zero)[0],
+                             mhsa_with(variables["params"], x, zero), atol=ATOL)
+  if name == "rope2d_axial":  # relative: shifting every position leaves the scores unchanged
+    placed = context(pos=jnp.nan_to_num(ctx.pos, nan=1.5))  # the CLS placed too, else it stays at 0
+    moved = context(pos=placed.pos + 3.0)
+    np.testing.assert_allclose(run(mod, variables, x, moved)[0], run(mod, variables, x, placed)[0],
+                               atol=1e-4)
+  key_metric = run(mod, variables, x, ctx, need=("key_metric",))[1]["key_metric"]
+  np.testing.assert_allclose(key_metric, qkv(variables["params"], x)[1].mean(2), atol=1e-6)
+
+
+def test_rope_gradient_matches_plain_jax_rotation():
+  mod, x, ctx = module("rope2d_axial"), tokens(), context()
+  variables = init(mod, x, ctx)
+  pos = jnp.where(jnp.isnan(ctx.pos), 0.0, ctx.pos)
+  freq = 10000.0 ** (-jnp.arange(0, DH // 2, 2) / (DH // 2))
+
+  def rot(t, ang):
+    z = jax.lax.complex(t[..., 0::2], t[..., 1::2]) * jnp.exp(1j * ang)[:, :, None]
+    return jnp.stack([z.real, z.imag], -1).reshape(t.shape)
+
+  def naive(p, x):
+    q, k, v = qkv(p, x)
+    half = DH // 2
+    a, b = pos[..., :1] * freq, pos[..., 1:] * freq
+    q = jnp.concatenate([rot(q[..., :half], a), rot(q[..., half:], b)], -1)
+    k = jnp.concatenate([rot(k[..., :half], a), rot(k[..., half:], b)], -1)
+    return out_proj(p, head_attend(q, k, v))
+  check_against(mod, variables, naive, x, ctx, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- rules for all
+SIZE_NAMES = [n for n in NAMES if attention.get(n).caps.size_semantics]
+MASK_NAMES = [n for n in NAMES if attention.get(n).caps.key_bias]
+PERM_NAMES = [n for n in NAMES if n not in ("sra", "causal_postcls")]
+
+
+def test_capabilities_are_declared():
+  caps = {n: attention.get(n).caps for n in NAMES}
+  assert caps["sra"].cls_probs == "recompute" and caps["sra"].needs_grid
+  assert caps["gaam"].cls_probs == "none" and not caps["gaam"].key_metric
+  assert not caps["latte"].key_metric and caps["latte"].full_attn
+  assert caps["levit_bias"].needs_pos and caps["rope1d"].needs_pos and caps["rope2d_axial"].needs_pos
+  assert caps["causal_postcls"].causal
+  assert set(SIZE_NAMES) == set(NAMES) - {"sra", "gaam"}
+
+
+@pytest.mark.parametrize("name", PERM_NAMES)
+def test_permutation_equivariance(name):
+  mod, x, ctx = module(name), tokens(), context()
+  variables = init(mod, x, ctx)
+  perm = np.concatenate([[0], 1 + np.random.RandomState(0).permutation(N - 1)])
+  y = run(mod, variables, x, ctx)[0]
+  y_perm = run(mod, variables, x[:, perm], context(pos=ctx.pos[:, perm], grid=None))[0]
+  np.testing.assert_allclose(y_perm, y[:, perm], atol=1e-5)
+
+
+def duplicate(t, j, s):
+  """Inserts s-1 extra copies of token j right after it (axis 1)."""
+  return jnp.concatenate([t[:, :j + 1]] + [t[:, j:j + 1]] * (s - 1) + [t[:, j + 1:]], axis=1)
+
+
+@pytest.mark.parametrize("name", SIZE_NAMES)
+def test_size_semantics_duplicate_oracle(name):
+  mod, x, j, s = module(name), tokens(), 5, 3
+  size = jnp.ones((B, N)).at[:, j].set(s)
+  ctx1 = context(key_bias=jnp.log(size), size=size)
+  variables = init(mod, x, ctx1)
+  y1 = run(mod, variables, x, ctx1)[0]
+  xd, posd = duplicate(x, j, s), duplicate(ctx1.pos, j, s)
+  ctxd = context(pos=posd, size=jnp.ones((B, N + s - 1)), grid=GRID)
+  yd = run(mod, variables, xd, ctxd)[0]
+  keep = [i for i in range(N + s - 1) if not j <= i < j + s]
+  others = [i for i in range(N) if i != j]
+  np.testing.assert_allclose(yd[:, keep], y1[:, others], atol=2e-5)
+
+
+@pytest.mark.parametrize("name", MASK_NAMES)
+def test_key_mask_equals_deleting_the_key(name):
+  mod, x, ctx, j = module(name), tokens(), context(), 6
+  variables = init(mod, x, ctx)
+  valid = jnp.ones((B, N), bool).at[:, j].set(False)
+  y_mask = run(mod, variables, x, context(valid=valid))[0]
+  keep = [i for i in range(N) if i != j]
+  y_del = run(mod, variables, x[:, keep], context(pos=ctx.pos[:, keep]))[0]
+  np.testing.assert_allclose(y_mask[:, keep], y_del, atol=2e-5)
+
+
+AUX_SHAPES = {"cls_probs": (B, N), "cls_probs_per_head": (B, H, N), "key_metric": (B, N, DH),
+              "value_norm": (B, H, N), "attn": (B, H, N, N)}
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "gaam"])
+def test_aux_shapes_and_cls_row(name):
+  mod, x, ctx = module(name), tokens(), context()
+  variables = init(mod, x, ctx)
+  need = attention.get(name).caps.provides()
+  aux = run(mod, variables, x, ctx, need=need)[1]
+  assert set(aux) == set(need)
+  for field in need:
+    assert aux[field].shape == AUX_SHAPES[field] and aux[field].dtype == jnp.float32, field
+  if "attn" in aux:  # the [CLS] row is the materialised row (R1)
+    np.testing.assert_allclose(aux["cls_probs_per_head"], aux["attn"][:, :, 0], atol=1e-6)
+  np.testing.assert_allclose(aux["cls_probs"].sum(-1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_and_bf16(name):
+  x, ctx = tokens(), context()
+  mod = module(name)
+  variables = init(mod, x, ctx)
+  traces = []
+
+  def fwd(v, x):
+    traces.append(1)
+    return mod.apply(v, x, ctx)[0]
+  jitted = jax.jit(fwd)
+  y = jitted(variables, x)
+  jitted(variables, x + 1.0)
+  assert len(traces) == 1
+  np.testing.assert_allclose(y, run(mod, variables, x, ctx)[0], atol=1e-5)
+  half = attention.build(dict(name=name, **OPTIONS.get(name, {})), num_heads=H,
+                         dtype=jnp.bfloat16)
+  yb = half.apply(variables, x.astype(jnp.bfloat16), ctx)[0]
+  assert yb.dtype == jnp.bfloat16 and bool(jnp.isfinite(yb.astype(jnp.float32)).all())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_inside_tiny_vit(name):
+  model = models.build(dict(variant="Ti/4", depth=2, attention=dict(name=name)), num_classes=10,
+                       image_size=16)
+  images = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  variables = model.init(jax.random.PRNGKey(1), images)
+  labels = jnp.asarray([1, 2])
+
+  @jax.jit
+  def loss_and_grad(params):
+    def loss(p):
+      logits, _ = model.apply({**variables, "params": p}, images)
+      return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
+    return jax.value_and_grad(loss)(params)
+  value, grads = loss_and_grad(variables["params"])
+  assert bool(jnp.isfinite(value))
+  assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))
