@@ -17,11 +17,13 @@ def get_config(arg=None):
 
   config.data = dict(
       name="vitjax_digits", data_dir=None, train_split="train", eval_split="test",
-      pp_train="value_range(-1, 1)", pp_eval="value_range(-1, 1)", worker_count=0)
+      pp_train="random_crop(8, pad=1)|value_range(-1, 1)", pp_eval="value_range(-1, 1)",
+      worker_count=0)
 
   # 8x8 images, 2x2 patches: 16 patch tokens + [CLS].
   config.model = dict(name="vit", variant="Ti/2", width=96, depth=4, num_heads=3, mlp_dim=384,
-                      attention=dict(name=arg.attention), tokens=dict(name=arg.tokens))
+                      drop_path=0.1, dropout=0.0, attention=dict(name=arg.attention),
+                      tokens=dict(name=arg.tokens))
   config.dtype = "float32"
 
   config.batch_size = 128

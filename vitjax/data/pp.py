@@ -258,6 +258,21 @@ def random_resized_crop(
   return example
 
 
+@register("random_crop")
+def random_crop(example, rng, size, pad: int = 0):
+  """Zero-pads by `pad` pixels on each side, then takes a random `size` crop (CIFAR-style)."""
+  image = example["image"]
+  if pad:
+    image = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+  h, w = _hw(size)
+  if h > image.shape[0] or w > image.shape[1]:
+    raise ValueError(f"random_crop({size}) is larger than the padded image {image.shape[:2]}")
+  top = int(rng.integers(0, image.shape[0] - h + 1))
+  left = int(rng.integers(0, image.shape[1] - w + 1))
+  example["image"] = _crop(image, top, left, h, w)
+  return example
+
+
 @register("flip_lr")
 def flip_lr(example, rng, p: float = 0.5):
   """Horizontal flip with probability `p`."""
