@@ -104,10 +104,13 @@ def merge_sum(t, step1, step2):
 
 
 def merge_mean(t, w, step1, step2):
-  """sum(w t) / sum(w) per merged group, accumulated in fp32."""
-  wt = w.reshape(w.shape + (1,) * (t.ndim - 2))
+  """sum(w t) / sum(w) per merged group, accumulated in fp32; tokens that take part in no merge
+  pass through bit-exactly."""
+  wt = w.reshape(w.shape + (1,) * (t.ndim - 2)).astype(jnp.float32)
   num = merge_sum(t.astype(jnp.float32) * wt, step1, step2)
-  return (num / merge_sum(wt, step1, step2)).astype(t.dtype)
+  count = merge_sum(jnp.ones(t.shape[:2] + (1,) * (t.ndim - 2), jnp.float32), step1, step2)
+  mean = (num / merge_sum(wt, step1, step2)).astype(t.dtype)
+  return jnp.where(count > 1, mean, merge_sum(t, step1, step2))
 
 
 @registry.register("mctf", needs=("attn",), slot="ahead", needs_cls=True,

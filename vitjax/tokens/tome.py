@@ -96,11 +96,26 @@ def merge_sum(t, unm, src, dst, num_prefix: int):
 
 
 def merge_weighted(t, weight, unm, src, dst, num_prefix: int):
-  """Weighted mean of each merged group: sum(w * t) / sum(w); weight [B, T]."""
-  w = weight.reshape(weight.shape + (1,) * (t.ndim - 2))
-  num = merge_sum(t.astype(jnp.float32) * w, unm, src, dst, num_prefix)
-  den = merge_sum(w, unm, src, dst, num_prefix)
-  return (num / den).astype(t.dtype)
+  """Weighted mean of each merged group, sum(w * t) / sum(w), with weight [B, T].
+
+  Tokens that take part in no merge pass through bit-exactly (no w * t / w round trip).
+  """
+  w = weight.reshape(weight.shape + (1,) * (t.ndim - 2)).astype(jnp.float32)
+  a, b = t[:, ::2], t[:, 1::2]
+  wa, wb = w[:, ::2], w[:, 1::2]
+  onehot = jax.nn.one_hot(dst, b.shape[1], dtype=jnp.float32)         # [B, r, nB]
+
+  def gathered(v):  # sum of the moved A entries per B token
+    moved = take_tokens(v, src)
+    flat = moved.reshape(*moved.shape[:2], -1)
+    return jnp.einsum("brn,brf->bnf", onehot, flat).reshape(v.shape[:1] + (b.shape[1],) +
+                                                            v.shape[2:])
+  den = wb + gathered(wa)
+  merged = (wb * b.astype(jnp.float32) + gathered(wa * a.astype(jnp.float32))) / den
+  touched = onehot.sum(1).reshape(b.shape[:2] + (1,) * (t.ndim - 2)) > 0
+  b = jnp.where(touched, merged.astype(t.dtype), b)
+  out = jnp.concatenate([take_tokens(a, unm), b], axis=1)
+  return out[:, output_order(unm.shape[1], b.shape[1], num_prefix)]
 
 
 def merge_state(state: TokenState, unm, src, dst, num_prefix: int) -> TokenState:
