@@ -68,22 +68,26 @@ def vit_args(mesh, b, n, h, d, dtype=jnp.bfloat16):
 
 
 KERNELS = {"softmax": fa.attention, "sigmoid": fs.sigmoid_attention}
-SHAPES = [  # topology, kernel, global batch, N, heads, d
-    ("v5e:2x2", "softmax", 32, 197, 6, 64),
-    ("v5p:2x2x1", "softmax", 32, 197, 6, 64),
-    ("v5e:2x2", "sigmoid", 32, 197, 6, 64),
-    ("v5p:2x2x1", "sigmoid", 32, 197, 6, 64),
-    ("v5e:2x2", "softmax", 32, 577, 12, 64),
+SHAPES = [  # topology, kernel, global batch, N, heads, d, dtype
+    ("v5e:2x2", "softmax", 32, 197, 6, 64, "bfloat16"),
+    ("v5p:2x2x1", "softmax", 32, 197, 6, 64, "bfloat16"),
+    ("v5e:2x2", "sigmoid", 32, 197, 6, 64, "bfloat16"),
+    ("v5p:2x2x1", "sigmoid", 32, 197, 6, 64, "bfloat16"),
+    ("v5e:2x2", "softmax", 32, 577, 12, 64, "bfloat16"),
+    ("v5e:2x2", "softmax", 8, 4096, 12, 64, "bfloat16"),
+    ("v5e:2x2", "softmax", 8, 197, 4, 128, "float32"),
+    ("v5p:2x2x1", "softmax", 8, 49, 12, 32, "bfloat16"),  # a token count after reduction
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=["-".join(map(str, s[:2] + s[3:4])) for s in SHAPES])
+@pytest.mark.parametrize("shape", SHAPES, ids=["-".join(map(str, s[:2] + s[3:4] + s[5:6]))
+                                                for s in SHAPES])
 def test_kernels_compile_forward_and_backward(shape):
-  topology, name, b, n, h, d = shape
+  topology, name, b, n, h, d, dtype = shape
   mesh = mesh_for(topology)
   attn = sharded_attention(mesh, KERNELS[name], backend="tpu")
-  args = vit_args(mesh, b, n, h, d)
-  info = dict(topology=topology, kernel=name, batch=b, n=n, heads=h, d=d, dtype="bfloat16")
+  args = vit_args(mesh, b, n, h, d, jnp.dtype(dtype))
+  info = dict(topology=topology, kernel=name, batch=b, n=n, heads=h, d=d, dtype=dtype)
   compile_and_record(attn, args, what="forward", **info)
 
   def loss(q, k, v, bias):

@@ -18,7 +18,6 @@ import functools
 import math
 from typing import Callable, Optional
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -193,12 +192,6 @@ def gpu_params(t: Tiling):
 def vmem_bytes(*blocks) -> int:
   """Double-buffered VMEM bytes of (shape, dtype) blocks."""
   return 2 * sum(math.prod(s) * jnp.dtype(dt).itemsize for s, dt in blocks)
-
-
-def flops(b: int, h: int, nq: int, nk: int, d: int, backward: bool = False) -> int:
-  """Analytic attention FLOPs: forward 4 B H Nq Nk d (QK^T and PV); backward 2.5x that."""
-  fwd = 4 * b * h * nq * nk * d
-  return int(fwd * 2.5) if backward else fwd
 
 
 @dataclasses.dataclass(frozen=True)
