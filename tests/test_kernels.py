@@ -207,7 +207,7 @@ def test_gpu_kernels_lower_to_triton(fn):
 # ------------------------------------------------------------------ inside the model
 def test_vit_pallas_matches_reference():
   def build(impl):
-    return models.build(dict(variant="Ti/4", depth=2, attention=dict(name="mhsa", impl=impl)),
+    return models.build(dict(variant="Ti/4", depth=1, attention=dict(name="mhsa", impl=impl)),
                         num_classes=10, image_size=16)
 
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
