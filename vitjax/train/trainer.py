@@ -128,10 +128,48 @@ def check_batch(config, mesh):
                      f"{jax.process_count()} processes")
 
 
-def build_model(config, data_info):
+def build_model(config, data_info, keep_rate=None):
+  """The model of `config`; with `keep_rate`, its token reducer uses that keep rate instead."""
   image_size = config.get("image_size") or data_info.image_shape[:2]
-  return models.build(config.model, num_classes=data_info.num_classes, image_size=image_size,
+  model_cfg = config.model
+  if keep_rate is not None:
+    model_cfg = model_cfg.copy_and_resolve_references()
+    model_cfg.tokens.keep_rate = keep_rate
+  return models.build(model_cfg, num_classes=data_info.num_classes, image_size=image_size,
                       dtype=config.get("dtype", "float32"))
+
+
+class KeepRateSchedule:
+  """EViT's keep-rate warm-up, quantised so that a run compiles a bounded number of step functions.
+
+  config.keep_rate_schedule = dict(start_epoch=10, ramp_epochs=100, max_buckets=16, grid=None)
+  (grid None: the finest grid whose run stays within max_buckets shapes).
+  """
+
+  def __init__(self, config, steps_per_epoch: int, shapes_fn=None):
+    """shapes_fn(kr) -> hashable static shapes of the model at keep rate kr (one compile each)."""
+    from vitjax.tokens import schedule  # pylint: disable=import-outside-toplevel
+    self.lib, self.cfg = schedule, config.get("keep_rate_schedule")
+    self.steps_per_epoch = steps_per_epoch
+    self.target = config.model.tokens.get("keep_rate") if self.cfg else None
+    if self.cfg and self.target is None:
+      raise ValueError("keep_rate_schedule needs config.model.tokens.keep_rate (the target)")
+    if self.cfg:
+      kw = dict(steps_per_epoch=steps_per_epoch, start_epoch=self.cfg.get("start_epoch", 10),
+                ramp_epochs=self.cfg.get("ramp_epochs", 100))
+      self.kw = kw
+      self.grid = self.cfg.get("grid") or schedule.choose_grid(
+          target=self.target, max_buckets=self.cfg.get("max_buckets", 16), counts_fn=shapes_fn,
+          **kw)
+      self.num_buckets = schedule.count_buckets(target=self.target, grid=self.grid,
+                                                counts_fn=shapes_fn, **kw)
+
+  def __call__(self, step: int):
+    """The quantised keep rate at `step`, or None without a schedule."""
+    if not self.cfg:
+      return None
+    kr = self.lib.keep_rate_at(step, target=self.target, **self.kw)
+    return self.lib.quantize(kr, self.grid, target=self.target)
 
 
 def create_state(model, tx, config, mesh, image_shape):
@@ -185,9 +223,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
   state, state_shardings = create_state(model, tx, config, mesh, info.image_shape)
   n_params = models.num_params(state.params)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  train_step = jax.jit(make_train_step(model, tx, config),
-                       in_shardings=(state_shardings, batch_sharding),
-                       out_shardings=(state_shardings, None), donate_argnums=(0,))
+  def shapes(kr):  # the static token counts of the model at keep rate kr
+    return repr(build_model(config, info, keep_rate=kr).reduction_plan())
+
+  keep_rate_at = KeepRateSchedule(config, steps["steps_per_epoch"], shapes)
+  step_fns = {}  # static shapes -> compiled step; one entry without a keep-rate schedule
+
+  def train_step(state, batch, step: int):
+    kr = keep_rate_at(step)  # the host's step counter: no device sync
+    key = None if kr is None else shapes(kr)
+    if key not in step_fns:
+      m = model if kr is None else build_model(config, info, keep_rate=kr)
+      step_fns[key] = jax.jit(make_train_step(m, tx, config),
+                              in_shardings=(state_shardings, batch_sharding),
+                              out_shardings=(state_shardings, None), donate_argnums=(0,))
+      if kr is not None:
+        say(f"keep rate {kr}: step function {len(step_fns)} of "
+            f"{keep_rate_at.num_buckets} (grid {keep_rate_at.grid})")
+    return step_fns[key](state, batch)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, batch_sharding))
 
   data_iter = iter(data.make_train_loader(config.data, global_batch_size=config.batch_size,
@@ -210,7 +263,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   eval_metrics = {}
   for step in range(start, steps["total"]):
     batch = global_batch(next(data_iter), batch_sharding)
-    state, m = train_step(state, batch)
+    state, m = train_step(state, batch, step)
     pending.append(m)
     done = step + 1
     if done % steps["log"] == 0 or done == steps["total"]:
@@ -245,6 +298,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer.close()
 
   summary = {"final_step": int(state.step), "num_params": n_params,
+             "num_step_compiles": len(step_fns),
              "wall_time_s": time.time() - t_start,
              "train_images_per_sec": images_seen / train_time if train_time else None,
              **{k.replace("/", "_"): float(v) for k, v in eval_metrics.items()}}
