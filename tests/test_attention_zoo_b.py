@@ -20,7 +20,7 @@ GRID = (4, 4)
 ATOL = 2e-5
 
 NAMES = ["gqa", "mqa", "kdgqa", "dgqa", "moh", "latte", "sra", "sra_tokenset", "selective",
-         "neural", "gaam", "levit_bias", "causal_postcls", "rope1d", "rope2d_axial"]
+         "neural", "gaam", "levit_bias", "causal_postcls", "rope1d", "rope2d_axial", "routing"]
 OPTIONS = {"gqa": dict(num_kv_heads=2), "kdgqa": dict(num_kv_heads=2), "latte": dict(num_latents=8),
            "sra_tokenset": dict(num_pooled=4), "levit_bias": dict(grid=GRID),
            "rope1d": dict(grid=GRID), "causal_postcls": dict(r=0.3)}
@@ -394,7 +394,8 @@ def gaam_naive(x, offsets, scales, heads):
       mix = 1.0
       for g in range(offsets.shape[1]):
         y = (col - mu - offsets[h, g]) / np.sqrt(var)
-        mix = mix * np.exp(-y ** 2 / (2 * scales[h, g] ** 2)) / np.sqrt(2 * np.pi * scales[h, g] ** 2)
+        c2 = scales[h, g] ** 2
+        mix = mix * np.exp(-y ** 2 / (2 * c2)) / np.sqrt(2 * np.pi * c2)
       mixture[:, :, c:c + 1] = mix / np.maximum(mix.sum(1, keepdims=True), 1e-8)
   return x * mixture, mixture
 
@@ -575,6 +576,36 @@ def test_rope_gradient_matches_plain_jax_rotation():
   check_against(mod, variables, naive, x, ctx, atol=1e-4)
 
 
+# ----------------------------------------------------------------------------- G23 routing
+def test_routing_naive_one_cluster_and_kmeans_update():
+  mod, x, ctx = module("routing"), tokens(), context()
+  variables = init(mod, x, ctx)
+  mu = np.asarray(variables["batch_stats"]["centroids"])  # [H, C, d], C = ceil(sqrt(17)) = 5
+  assert mu.shape == (H, 5, DH)
+  unit = lambda t: t / np.linalg.norm(t, axis=-1, keepdims=True)
+  q, k, _ = (np.asarray(t) for t in qkv(variables["params"], x))
+  cq = np.einsum("bnhd,hcd->bnhc", unit(q), mu).argmax(-1)
+  ck = np.einsum("bnhd,hcd->bnhc", unit(k), mu).argmax(-1)
+  allowed = (cq.transpose(0, 2, 1)[..., :, None] == ck.transpose(0, 2, 1)[..., None, :])
+  allowed |= np.eye(N, dtype=bool)
+  assert 0 < allowed.mean() < 1
+  check_against(mod, variables, lambda p, x: mhsa_naive(p, x, np.where(allowed, 0.0, -np.inf)),
+                x, ctx)
+  one = module("routing", num_clusters=1)
+  v1 = init(one, x, ctx)
+  np.testing.assert_allclose(run(one, v1, x, ctx)[0], mhsa_with(v1["params"], x, ctx), atol=ATOL)
+  _, new = mod.apply(variables, x, ctx, deterministic=False, mutable=["batch_stats"])
+  points = np.concatenate([unit(q), unit(k)], 1)
+  assign = np.concatenate([cq, ck], 1)
+  expected = mu.copy()
+  for h in range(H):
+    for c in range(mu.shape[1]):
+      sel = points[:, :, h][assign[:, :, h] == c]
+      if len(sel):
+        expected[h, c] = unit(0.999 * mu[h, c] + 0.001 * sel.mean(0))
+  np.testing.assert_allclose(new["batch_stats"]["centroids"], expected, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- rules for all
 SIZE_NAMES = [n for n in NAMES if attention.get(n).caps.size_semantics]
 MASK_NAMES = [n for n in NAMES if attention.get(n).caps.key_bias]
@@ -586,8 +617,9 @@ def test_capabilities_are_declared():
   assert caps["sra"].cls_probs == "recompute" and caps["sra"].needs_grid
   assert caps["gaam"].cls_probs == "none" and not caps["gaam"].key_metric
   assert not caps["latte"].key_metric and caps["latte"].full_attn
-  assert caps["levit_bias"].needs_pos and caps["rope1d"].needs_pos and caps["rope2d_axial"].needs_pos
+  assert all(caps[n].needs_pos for n in ("levit_bias", "rope1d", "rope2d_axial"))
   assert caps["causal_postcls"].causal
+  assert caps["routing"].cls_probs == "approx"
   assert set(SIZE_NAMES) == set(NAMES) - {"sra", "gaam"}
 
 
@@ -679,12 +711,9 @@ def test_inside_tiny_vit(name):
   variables = model.init(jax.random.PRNGKey(1), images)
   labels = jnp.asarray([1, 2])
 
-  @jax.jit
-  def loss_and_grad(params):
-    def loss(p):
-      logits, _ = model.apply({**variables, "params": p}, images)
-      return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
-    return jax.value_and_grad(loss)(params)
-  value, grads = loss_and_grad(variables["params"])
+  def loss(p):  # eager: per-primitive compiles are shared across the parametrised cases
+    logits, _ = model.apply({**variables, "params": p}, images)
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
+  value, grads = jax.value_and_grad(loss)(variables["params"])
   assert bool(jnp.isfinite(value))
   assert all(bool(jnp.isfinite(g).all()) for g in jax.tree_util.tree_leaves(grads))

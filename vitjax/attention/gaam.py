@@ -2,7 +2,7 @@
 
 Not a pairwise attention: along the normalised axis (tokens here) each channel gets
   mu, var = mean and unbiased variance over the axis (+ eps),
-  G_g = exp(-((x - (mu + delta_g)) / sqrt(var))^2 / (2 c_g^2)) / sqrt(2 pi c_g^2),  g = 1..num_gaussians,
+  G_g = exp(-((x - (mu + delta_g)) / sqrt(var))^2 / (2 c_g^2)) / sqrt(2 pi c_g^2), g = 1..num_gaussians,
   M = prod_g G_g / sum_axis prod_g G_g,   GAAM(x) = x * M,
 with learned offsets delta (init 0) and scales c (init standard normal, only |c| matters), as in the
 official gioannides/Gaussian-Adaptive-Attention code (eps 1e-8; the product over Gaussians and the

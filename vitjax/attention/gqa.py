@@ -79,7 +79,7 @@ class GroupedQueryAttention(Attention):
   """Softmax attention with G K/V heads; `allocation` picks how query heads find their group."""
   num_kv_heads: Optional[int] = None
   allocation: str = "uniform"   # uniform | key_norm | key_norm_ema
-  ema_decay: float = 0.99       # dgqa (own choice: the paper's smoothing constant is not known here)
+  ema_decay: float = 0.99       # dgqa; own choice, the paper's smoothing constant is not known
 
   def groups(self, k, ctx, deterministic):
     g = k.shape[2]
@@ -91,10 +91,11 @@ class GroupedQueryAttention(Attention):
     if self.allocation == "key_norm_ema":
       return jnp.broadcast_to(allocate_queries(self.norm_ema(norms, deterministic), self.num_heads),
                               (k.shape[0], self.num_heads))
-    raise ValueError(f"unknown allocation {self.allocation!r}; valid: uniform, key_norm, key_norm_ema")
+    raise ValueError(f"unknown allocation {self.allocation!r}; "
+                     "valid: uniform, key_norm, key_norm_ema")
 
   def norm_ema(self, norms, deterministic):
-    """dgqa's running key-head norms; absent from the variables (apply with params only) = uniform."""
+    """dgqa's running key-head norms; absent from the variables (params-only apply): uniform."""
     g = norms.shape[-1]
     if not (self.has_variable("batch_stats", "key_norm_ema")
             or self.is_mutable_collection("batch_stats")):

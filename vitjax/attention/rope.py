@@ -86,7 +86,8 @@ class RoPEAttention(Attention):
 
 @registry.register(
     "rope1d", caps=Capabilities(needs_pos=True),
-    paper="RoPE (Su et al. 2021) as used by iLLaMA (Wang et al. 2024)", complexity="O(N^2 D) + O(N D)")
+    paper="RoPE (Su et al. 2021) as used by iLLaMA (Wang et al. 2024)",
+    complexity="O(N^2 D) + O(N D)")
 class RoPE1D(RoPEAttention):
   """1-D RoPE over the raster index of each token; prefix tokens after the sequence."""
   cls_pos: str = "post"

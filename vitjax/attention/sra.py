@@ -14,8 +14,8 @@ the one with a CLS, has R = 1 so its CLS is an ordinary key there too).
 The layer's own [CLS] row is over pooled keys, not tokens: `cls_probs` is `recompute` (R1) against
 the full-token keys W_k x (an extra N*D*d), a distribution the layer did not use; `key_metric` is the
 head-mean of W_k x. The [N, M] weights are not [N, N]: no `attn`.
-LayerNorm eps 1e-5 after the reduction (PyTorch default, as PVT). Defaults: R = 2 (the PVT stage at 1/16 resolution, i.e. a 14x14 ViT grid; PVT uses 8/4/2/1 per stage),
-P = 7 for the linear form.
+LayerNorm eps 1e-5 after the reduction (PyTorch default, as PVT). Defaults: R = 2 (the PVT stage at
+1/16 resolution, i.e. a 14x14 ViT grid; PVT uses 8/4/2/1 per stage), P = 7 for the linear form.
 """
 import math
 from typing import Optional
@@ -120,7 +120,8 @@ class SRA(SpatialReduction):
       return patches
     if gh % r or gw % r:
       raise ValueError(f"sra_ratio {r} does not divide the {gh}x{gw} grid")
-    grid = nn.Conv(width, (r, r), strides=(r, r), padding="VALID", dtype=self.dtype, name="sr")(grid)
+    conv = nn.Conv(width, (r, r), strides=(r, r), padding="VALID", dtype=self.dtype, name="sr")
+    grid = conv(grid)
     return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(grid.reshape(b, -1, width))
 
 
