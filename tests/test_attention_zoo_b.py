@@ -203,6 +203,18 @@ def test_dgqa_ema_updates_only_when_mutable():
   np.testing.assert_allclose(y_params_only, y0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["kdgqa", "rope2d_axial"])
+def test_xla_path_equals_reference(name):
+  x, ctx = tokens(), context(key_bias=jnp.log(jnp.arange(1.0, N + 1.0))[None].repeat(B, 0))
+  ref, fast = module(name), module(name, impl="xla")
+  variables = init(ref, x, ctx)
+  need = ("cls_probs", "key_metric")
+  (ya, aa), (yb, ab) = run(ref, variables, x, ctx, need), run(fast, variables, x, ctx, need)
+  np.testing.assert_allclose(yb, ya, atol=1e-5)
+  np.testing.assert_allclose(ab["cls_probs"], aa["cls_probs"], atol=1e-6)  # R1 recompute
+  np.testing.assert_allclose(ab["key_metric"], aa["key_metric"], atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- G14 moh
 def moh_gates(p, x, s, k):
   r = H - s
