@@ -131,9 +131,10 @@ def heads_major(x, n_pad: int):
   return pad_tokens(x, n_pad).transpose(0, 2, 1, 3)
 
 
-def stat_rows(x, n_pad: int):
-  """[B, H, N] float32 statistic -> [B, H, 1, n_pad] rows."""
-  return jnp.pad(x, ((0, 0), (0, 0), (0, n_pad - x.shape[-1])))[:, :, None, :]
+def stat_rows(x, n_pad: int, fill: float = 0.0):
+  """[B, H, N] float32 statistic -> [B, H, 1, n_pad] rows, padded queries set to `fill`."""
+  return jnp.pad(x, ((0, 0), (0, 0), (0, n_pad - x.shape[-1])),
+                 constant_values=fill)[:, :, None, :]
 
 
 # ---- rows <-> columns inside kernels (once per program, never per loop step) ----

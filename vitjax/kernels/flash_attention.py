@@ -180,7 +180,9 @@ def _backward(q, k, v, bias, o, lse, do, dlse, *, kind, interpret, blocks, heads
   kb = common.key_bias(bias, b, nk, t.nk_pad)
   qx, dox = lay.prepare(q, t.nq_pad), lay.prepare(do, t.nq_pad)
   kx, vx = lay.prepare(k, t.nk_pad), lay.prepare(v, t.nk_pad)
-  lse_r, delta_r = common.stat_rows(lse, t.nq_pad), common.stat_rows(delta, t.nq_pad)
+  # padded queries get lse = +inf, so their weights exp(s - lse) are exactly 0 whatever the bias
+  lse_r = common.stat_rows(lse, t.nq_pad, jnp.inf)
+  delta_r = common.stat_rows(delta, t.nq_pad)
   has_bias = kb is not None
   extra = [kb] if has_bias else []
 
