@@ -22,7 +22,7 @@ def get_config(arg=None):
 
   # 8x8 images, 2x2 patches: 16 patch tokens + [CLS].
   config.model = dict(name="vit", variant="Ti/2", width=96, depth=4, num_heads=3, mlp_dim=384,
-                      drop_path=0.1, dropout=0.0, attention=dict(name=arg.attention),
+                      pool="cls", drop_path=0.1, dropout=0.0, attention=dict(name=arg.attention),
                       tokens=dict(name=arg.tokens))
   config.dtype = "float32"
 

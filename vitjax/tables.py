@@ -1,27 +1,38 @@
-"""Markdown tables of the registries (the README's feature tables): `python -m vitjax.tables`."""
+"""Markdown tables of the registries (the README's feature tables).
+
+  python -m vitjax.tables              # print them
+  python -m vitjax.tables README.md    # rewrite the tables between their markers in README.md
+"""
+import re
+import sys
+
 from vitjax import attention, models, tokens
+
+# Every registered name is tested against an independent reference (forward and gradient) and
+# trains in a tiny ViT (tests/test_registry_train.py); a name that is not is not registered.
+STATUS = "tested, trains"
 
 
 def attention_table() -> str:
-  rows = ["| name | tier | paper | complexity | [CLS] probs | keys (ToMe) | sizes | key bias/mask |",
-          "|---|---|---|---|---|---|---|---|"]
+  rows = ["| name | tier | paper | complexity | [CLS] probs | keys (ToMe) | sizes | key bias/mask "
+          "| status |", "|---|---|---|---|---|---|---|---|---|"]
   for name in attention.names():
     e = attention.get(name)
     c = e.caps
     rows.append(f"| `{name}` | {e.tier} | {e.paper} | {e.complexity} | {c.cls_probs} | "
                 f"{'yes' if c.key_metric else 'no'} | {'yes' if c.size_semantics else 'no'} | "
-                f"{'yes' if c.key_bias else 'no'} |")
+                f"{'yes' if c.key_bias else 'no'} | {STATUS} |")
   return "\n".join(rows)
 
 
 def tokens_table() -> str:
-  rows = ["| name | paper | needs from attention | slot | needs [CLS] | soft merge |",
-          "|---|---|---|---|---|---|"]
+  rows = ["| name | paper | needs from attention | slot | needs [CLS] | soft merge | status |",
+          "|---|---|---|---|---|---|---|"]
   for name in tokens.names():
     e = tokens.get(name)
     needs = ", ".join(e.needs) or "-"
     rows.append(f"| `{name}` | {e.paper} | {needs} | {e.slot} | {'yes' if e.needs_cls else 'no'} "
-                f"| {'yes' if e.soft else 'no'} |")
+                f"| {'yes' if e.soft else 'no'} | {STATUS} |")
   return "\n".join(rows)
 
 
@@ -32,6 +43,21 @@ def backbone_table() -> str:
   return "\n".join(rows)
 
 
+TABLES = {"attention": attention_table, "tokens": tokens_table, "backbones": backbone_table}
+
+
+def update(path: str):
+  """Replaces each `<!-- NAME table -->...<!-- end -->` block of `path` with a fresh table."""
+  text = open(path).read()
+  for name, fn in TABLES.items():
+    text = re.sub(rf"(<!-- {name} table -->\n).*?(\n<!-- end -->)",
+                  lambda m, fn=fn: m.group(1) + fn() + m.group(2), text, flags=re.S)
+  with open(path, "w") as f:
+    f.write(text)
+
+
 if __name__ == "__main__":
-  print("## Attention\n\n" + attention_table() + "\n\n## Token reduction\n\n" + tokens_table()
-        + "\n\n## Backbones\n\n" + backbone_table())
+  if len(sys.argv) > 1:
+    update(sys.argv[1])
+  else:
+    print("\n\n".join(f"## {name}\n\n{fn()}" for name, fn in TABLES.items()))
