@@ -1,7 +1,8 @@
 """Input pipelines: tfds array_record data sources read through grain.
 
-Training uses grain's `DataLoader`: a seeded, per-host sharded, infinitely
-repeating `IndexSampler`, per-example pp ops, batches of the *local* batch
+Training uses grain's `DataLoader`: a seeded, infinitely repeating
+`IndexSampler` over all records of which each host reads its rows of every
+global batch (`_HostSlice`), per-example pp ops, batches of the *local* batch
 size. Its iterator is checkpointable (`get_state()/set_state()`, or orbax via
 `grain.python.PyGrainCheckpointSave/Restore`), and resuming is bit-identical
 because each example's augmentation rng is `Philox(seed + sampler index)`.
@@ -224,28 +225,52 @@ def make_train_loader(
   source = data_source(data_cfg, _get(data_cfg, "train_split", "train"))
   if len(source) < count:
     raise ValueError(f"{len(source)} training examples for {count} hosts.")
-  shard = grain.ShardOptions(
-      shard_index=index, shard_count=count, drop_remainder=True
-  )
   sampler = grain.IndexSampler(
       num_records=len(source),
-      shard_options=shard,
       shuffle=True,
       num_epochs=None,  # repeat forever; the trainer counts steps
       seed=int(_get(data_cfg, "shuffle_seed", seed)) % 2**31,
   )
   return grain.DataLoader(
       data_source=source,
-      sampler=sampler,
+      sampler=_HostSlice(sampler, local_b, index, count),
       operations=[
           _RandomPreprocess(preprocess),
           grain.Batch(batch_size=local_b, drop_remainder=True),
       ],
       worker_count=_workers(data_cfg),
       worker_buffer_size=max(1, _get(data_cfg, "prefetch", 2)),
-      shard_options=shard,
+      shard_options=grain.NoSharding(),  # _HostSlice already picks this host's rows
       read_options=_read_options(data_cfg, local_b),
   )
+
+
+class _HostSlice:
+  """Host `index` of `count` reads rows [index*b, (index+1)*b) of every global batch.
+
+  One shuffled stream over all records (and each example's augmentation rng,
+  Philox(seed + stream position)) does not depend on the number of hosts, so
+  every global batch holds the same examples in the same rows on 1 host or many
+  (with worker_count=0; workers interleave batches): a multi-host run trains as
+  a single-host one does, and each example of an epoch goes to exactly one host.
+  """
+
+  def __init__(self, sampler, local_batch: int, index: int, count: int):
+    self.sampler, self.local_batch = sampler, local_batch
+    self.index, self.count = index, count
+
+  def __len__(self) -> int:
+    return len(self.sampler)
+
+  def __getitem__(self, i: int) -> grain.RecordMetadata:
+    batch, row = divmod(i, self.local_batch)
+    position = (batch * self.count + self.index) * self.local_batch + row
+    meta = self.sampler[position]
+    return grain.RecordMetadata(index=i, record_key=meta.record_key, rng=meta.rng)
+
+  def __repr__(self) -> str:  # grain checks it when restoring an iterator
+    return (f"HostSlice({self.sampler!r}, local_batch={self.local_batch}, "
+            f"host={self.index}, hosts={self.count})")
 
 
 # ------------------------------------------------------------------- eval ---

@@ -1,6 +1,6 @@
 """The jit-sharded training loop, readable top to bottom: `train_and_evaluate(config, workdir)`."""
-import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -11,10 +11,11 @@ import numpy as np
 import optax
 
 from vitjax import config_lib, models
-from vitjax.train import checkpoint as ckpt_lib
+from vitjax.train import guard
 from vitjax.train import mesh as mesh_lib
-from vitjax.train import metrics as metrics_lib
 from vitjax.train import optim
+# checkpoint (orbax, grain) and metrics (tensorboard) are imported where used: the ahead-of-time
+# compile tool (`vitjax.train.aot`) builds the train step in an environment without them.
 
 
 @flax.struct.dataclass
@@ -40,14 +41,22 @@ def cross_entropy(logits, labels, num_classes: int, smoothing: float = 0.0):
 
 
 def make_train_step(model, tx, config):
-  """One optimizer update on a global batch, optionally accumulated over micro-batches."""
+  """One optimizer update on a global batch, optionally accumulated over micro-batches.
+
+  Metrics include `train/nonfinite` (1.0 when the loss or a gradient is not finite). With
+  `skip_nonfinite_steps=True` such an update is dropped inside the step (the state keeps its old
+  values except the step counter, so the data and dropout streams move on); otherwise the loop
+  stops at that step before anything of it is saved.
+  """
   accum = config.optimizer.get("grad_accum_steps", 1)
   smoothing = config.get("label_smoothing", 0.0)
+  skip_nonfinite = config.get("skip_nonfinite_steps", False)
+  nan_at = config.get("debug_nan_at_step")  # tests: poisons the loss of this (1-based) step
 
-  def loss_fn(params, images, labels, rng):
+  def loss_fn(params, images, labels, rng, scale=1.0):
     (logits, _), extra = model.apply({"params": params}, images, train=True,
                                      rngs={"dropout": rng}, mutable=["losses"])
-    loss = cross_entropy(logits, labels, model.num_classes, smoothing).mean()
+    loss = cross_entropy(logits, labels, model.num_classes, smoothing).mean() * scale
     # Reducers such as DynamicViT sow their own (already weighted) losses.
     aux_loss = sum(jnp.sum(v) for v in jax.tree_util.tree_leaves(extra.get("losses", {})))
     return loss + aux_loss, (loss, logits)
@@ -57,8 +66,9 @@ def make_train_step(model, tx, config):
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     images, labels = batch["image"], batch["label"]
+    scale = 1.0 if nan_at is None else jnp.where(state.step + 1 == nan_at, jnp.nan, 1.0)
     if accum == 1:
-      (_, (loss, logits)), grads = grad_fn(state.params, images, labels, rng)
+      (_, (loss, logits)), grads = grad_fn(state.params, images, labels, rng, scale)
       correct = jnp.mean(jnp.argmax(logits, -1) == labels)
     else:
       micro = lambda x: x.reshape(accum, -1, *x.shape[1:])
@@ -67,7 +77,7 @@ def make_train_step(model, tx, config):
       def body(carry, xs):
         g_sum, l_sum, c_sum = carry
         i, im, lb = xs
-        (_, (l, lg)), g = grad_fn(state.params, im, lb, jax.random.fold_in(rng, i))
+        (_, (l, lg)), g = grad_fn(state.params, im, lb, jax.random.fold_in(rng, i), scale)
         g_sum = jax.tree_util.tree_map(jnp.add, g_sum, g)
         return (g_sum, l_sum + l, c_sum + jnp.mean(jnp.argmax(lg, -1) == lb)), None
 
@@ -77,9 +87,15 @@ def make_train_step(model, tx, config):
       loss, correct = loss / accum, correct / accum
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    metrics = {"train/loss": loss, "train/accuracy": correct,
-               "train/grad_norm": optax.tree.norm(grads)}
+    new_state = state.replace(params=params, opt_state=opt_state)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if skip_nonfinite:  # every field but the counter keeps its old value on a bad step
+      new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old),
+                                         new_state, state)
+    new_state = new_state.replace(step=state.step + 1)
+    metrics = {"train/loss": loss, "train/accuracy": correct, "train/grad_norm": grad_norm,
+               "train/nonfinite": 1.0 - finite.astype(jnp.float32)}
     return new_state, metrics
 
   return step_fn
@@ -172,8 +188,12 @@ class KeepRateSchedule:
     return self.lib.quantize(kr, self.grid, target=self.target)
 
 
-def create_state(model, tx, config, mesh, image_shape):
-  """Creates the train state directly into its shardings (no full copy on one device)."""
+def state_spec(model, tx, config, mesh, image_shape):
+  """(abstract state: ShapeDtypeStructs with shardings, the shardings, a fn creating the state).
+
+  Nothing is allocated: a resumed run restores into the abstract state without initialising, and
+  the ahead-of-time compile tool lowers the step on it.
+  """
   def init(rng):
     p_rng, d_rng, s_rng = jax.random.split(rng, 3)
     dummy = jnp.zeros((1, *image_shape), jnp.float32)
@@ -181,12 +201,20 @@ def create_state(model, tx, config, mesh, image_shape):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=s_rng)
 
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init, rng)
   rules = [tuple(r) for r in config.get("sharding_rules", ())]
   shardings = mesh_lib.shardings_like(abstract, mesh, config.get("sharding", "dp"), rules,
                                       config.get("fsdp_min_size", 2 ** 14))
-  state = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(config.seed))
-  return state, shardings
+  abstract = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  return abstract, shardings, lambda: jax.jit(init, out_shardings=shardings)(rng)
+
+
+def create_state(model, tx, config, mesh, image_shape):
+  """Creates the train state directly into its shardings (no full copy on one device)."""
+  _, shardings, init = state_spec(model, tx, config, mesh, image_shape)
+  return init(), shardings
 
 
 def global_batch(local: dict, sharding) -> dict:
@@ -210,9 +238,14 @@ def evaluate(eval_step, params, config, batch_sharding) -> dict:
 # ------------------------------------------------------------------ the loop
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`; rerunning the same command resumes from the last checkpoint."""
-  from vitjax import data  # pylint: disable=import-outside-toplevel  (tfds/grain are heavy)
+  # pylint: disable=import-outside-toplevel  (tfds, grain, orbax, tensorboard are heavy)
+  from vitjax import data
+  from vitjax.train import checkpoint as ckpt_lib
+  from vitjax.train import metrics as metrics_lib
+  from vitjax.train import validate
+  validate.train_config(config)
   config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
+  ckpt_lib.check_writable(workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   check_batch(config, mesh)
   info = data.get_info(config.data)
@@ -220,8 +253,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   steps = durations(config, info.num_examples[config.data.train_split])
   tx, lr_fn = optim.make_optimizer(config.optimizer, steps["total"], steps["warmup"])
 
-  state, state_shardings = create_state(model, tx, config, mesh, info.image_shape)
-  n_params = models.num_params(state.params)
+  abstract, state_shardings, init_state = state_spec(model, tx, config, mesh, info.image_shape)
+  n_params = models.num_params(abstract.params)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   def shapes(kr):  # the static token counts of the model at keep rate kr
     return repr(build_model(config, info, keep_rate=kr).reduction_plan())
@@ -248,59 +281,77 @@ def train_and_evaluate(config, workdir: str) -> dict:
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
                                keep_every=config.get("keep_checkpoint_every_steps"),
                                async_save=config.get("async_checkpoints", True))
-  start = 0
-  if ckpt.latest_step() is not None:
-    abstract = ckpt_lib.abstract_with_shardings(state, state_shardings)
-    state, start = ckpt.restore(abstract, data_iter)
-  writer = metrics_lib.MetricWriter(workdir)
+  state, start = ckpt.restore_latest(abstract, data_iter)
+  if state is None:
+    state = init_state()
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   say(f"{type(model).__name__}: {n_params:,} parameters; {steps['total']} steps "
       f"({steps['steps_per_epoch']} per epoch) on mesh {dict(mesh.shape)}"
       + (f"; resumed at step {start}" if start else ""))
 
+  finite = guard.FiniteCheck(config.get("skip_nonfinite_steps", False), ckpt.latest_step)
   bar = metrics_lib.progress_bar(steps["total"], start)
   t_start, images_seen, train_time, pending = time.time(), 0, 0.0, []
   t_last = time.perf_counter()
-  eval_metrics = {}
-  for step in range(start, steps["total"]):
-    batch = global_batch(next(data_iter), batch_sharding)
-    state, m = train_step(state, batch, step)
-    pending.append(m)
-    done = step + 1
-    if done % steps["log"] == 0 or done == steps["total"]:
-      m = jax.device_get(pending)  # one host sync per log interval, not per step
-      now = time.perf_counter()
-      dt, n_img = now - t_last, len(pending) * config.batch_size
-      if step >= start + len(pending):  # skip the interval that includes compilation
-        train_time, images_seen = train_time + dt, images_seen + n_img
-      scalars = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
-      scalars.update({"train/lr": float(lr_fn(done)), "train/images_per_sec": n_img / dt})
-      if not all(math.isfinite(v) for v in scalars.values()):
-        raise FloatingPointError(f"non-finite training metrics at step {done}: {scalars}")
-      writer.write(done, scalars)
-      bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", img_s=f"{n_img / dt:.0f}")
-      pending, t_last = [], time.perf_counter()
-    if done % steps["eval"] == 0 or done == steps["total"]:
+  eval_metrics, stopped_by = {}, 0
+  try:
+    with guard.StopRequests() as stop_requests:
+      for step in range(start, steps["total"]):
+        batch = global_batch(next(data_iter), batch_sharding)
+        state, m = train_step(state, batch, step)
+        pending.append(m)
+        finite.add(step + 1, m)
+        done = step + 1
+        finite.check(upto=done - guard.LAG)  # reads flags of finished steps: no device sync
+        stopped_by = stop_requests.poll(done)
+        last = done == steps["total"]
+        if done % steps["log"] == 0 or last or stopped_by:
+          finite.check(upto=done)
+          m = jax.device_get(pending)  # one host sync per log interval, not per step
+          now = time.perf_counter()
+          dt, n_img = now - t_last, len(pending) * config.batch_size
+          if step >= start + len(pending):  # skip the interval that includes compilation
+            train_time, images_seen = train_time + dt, images_seen + n_img
+          scalars = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
+          scalars.update({"train/lr": float(lr_fn(done)), "train/images_per_sec": n_img / dt,
+                          "train/skipped_steps": finite.skipped})
+          writer.write(done, scalars)
+          bar.set_postfix(loss=f"{scalars['train/loss']:.3f}", img_s=f"{n_img / dt:.0f}")
+          pending, t_last = [], time.perf_counter()
+        if (done % steps["eval"] == 0 or last) and not stopped_by:
+          finite.check(upto=done)
+          eval_metrics = evaluate(eval_step, state.params, config, batch_sharding)
+          writer.write(done, eval_metrics)
+          bar.write(f"step {done}: eval top-1 {eval_metrics['eval/top1']:.4f} "
+                    f"loss {eval_metrics['eval/loss']:.4f}")
+          t_last = time.perf_counter()  # evaluation time is not training time
+        planned = done == config.get("stop_at_step")  # a planned interruption (tests, limits)
+        if done % steps["checkpoint"] == 0 or last or planned or stopped_by:
+          finite.check(upto=done)  # never save the state of a non-finite step
+          ckpt.save(done, state, data_iter, force=True)
+        bar.update(1)
+        if planned or stopped_by:
+          break
+    finite.flush()
+    if stopped_by:
+      ckpt.wait()
+      bar.close()
+      say(f"stopped by {signal.Signals(stopped_by).name} after step {done}: checkpoint saved in "
+          f"{ckpt.directory}; run the same command again to resume")
+    elif not eval_metrics:  # e.g. resumed after the last step: report the final model anyway
       eval_metrics = evaluate(eval_step, state.params, config, batch_sharding)
-      writer.write(done, eval_metrics)
-      bar.write(f"step {done}: eval top-1 {eval_metrics['eval/top1']:.4f} "
-                f"loss {eval_metrics['eval/loss']:.4f}")
-      t_last = time.perf_counter()  # evaluation time is not training time
-    stop = done == config.get("stop_at_step")  # a planned interruption (tests, time limits)
-    if done % steps["checkpoint"] == 0 or done == steps["total"] or stop:
-      ckpt.save(done, state, data_iter, force=True)
-    bar.update(1)
-    if stop:
-      break
-  bar.close()
-  if not eval_metrics:  # e.g. resumed after the last step: report the final model anyway
-    eval_metrics = evaluate(eval_step, state.params, config, batch_sharding)
-  ckpt.close()
-  writer.close()
+  finally:
+    bar.close()
+    ckpt.close()  # waits for an asynchronous save in flight: that state was checked
+    writer.close()
 
   summary = {"final_step": int(state.step), "num_params": n_params,
-             "num_step_compiles": len(step_fns),
+             "num_step_compiles": len(step_fns), "skipped_steps": finite.skipped,
              "wall_time_s": time.time() - t_start,
              "train_images_per_sec": images_seen / train_time if train_time else None,
              **{k.replace("/", "_"): float(v) for k, v in eval_metrics.items()}}
+  if stopped_by:  # an unfinished run: no summary.json (it marks a finished one), no stale eval
+    summary = {k: v for k, v in summary.items() if not k.startswith("eval_")}
+    return {**summary, "stopped_by": signal.Signals(stopped_by).name}
   metrics_lib.write_json(os.path.join(workdir, "summary.json"), summary)
   return summary
