@@ -225,3 +225,21 @@ def test_vit_pallas_matches_reference():
   close(logits_pal, logits_ref, 1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(g_pal), jax.tree_util.tree_leaves(g_ref)):
     close(a, b, 1e-4)
+
+
+def test_sigmoid_attention_pallas_impl_matches_reference_in_a_vit():
+  """`sigmoid` with impl="pallas" (FlashSigmoid) equals the reference, EViT's [CLS] row included."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 16, 16, 3))
+  outs = {}
+  for impl in ("reference", "pallas"):
+    m = models.build(dict(variant="Ti/4", depth=2, width=64, num_heads=2, mlp_dim=64,
+                          attention=dict(name="sigmoid", impl=impl),
+                          tokens=dict(name="evit", keep_rate=0.5, locations=(0,))),
+                     num_classes=10, image_size=16)
+    params = m.init(jax.random.PRNGKey(1), x)["params"]
+    loss = lambda p: jnp.sum(m.apply({"params": p}, x)[0] ** 2)
+    outs[impl] = (m.apply({"params": params}, x)[0], jax.grad(loss)(params))
+  np.testing.assert_allclose(outs["pallas"][0], outs["reference"][0], atol=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(outs["pallas"][1]),
+                  jax.tree_util.tree_leaves(outs["reference"][1])):
+    np.testing.assert_allclose(a, b, atol=1e-4)

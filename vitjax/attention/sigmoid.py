@@ -11,6 +11,7 @@ attention) or -inf for dropped keys: the weight of key j is s_j * sigma(.) = exp
 and b = -log sum_j s_j, so a token of size s acts exactly like s copies and a masked key like a
 deleted one. Without a bias, s_j = 1 and b = -log n.
 """
+import math
 from typing import Optional
 
 import flax.linen as nn
@@ -21,7 +22,7 @@ from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
                                    collect_aux)
 
-IMPLS = ("reference", "xla")  # both run the einsum path; a FlashSigmoid kernel would go in kernels/
+IMPLS = ("reference", "xla", "pallas")  # reference/xla: the einsum path; pallas: FlashSigmoid
 
 
 def scaled_logits(q, k, temp: float = 0.0):
@@ -62,8 +63,28 @@ class SigmoidAttention(Attention):
       raise ValueError(f"sigmoid attention has impls {IMPLS}, got {self.impl!r}")
     q, k, v = self.project_qkv(x)
     bias = additive_key_bias(ctx, x.shape[1])
-    w = sigmoid_weights(scaled_logits(q, k, self.attn_temp), bias, self.attn_bias)
-    wd = self.dropout_weights(w, deterministic)
-    y = jnp.einsum("bhnm,bmhd->bnhd", wd.astype(v.dtype), v)
-    aux = collect_aux(need, probs=w, q=q, k=k, v=v, ctx=ctx)
+    fused = self.impl == "pallas" and "attn" not in need and (
+        deterministic or self.attn_drop == 0.0)
+    if fused:
+      y, w = self.flash(q, k, v, bias), None
+    else:
+      w = sigmoid_weights(scaled_logits(q, k, self.attn_temp), bias, self.attn_bias)
+      wd = self.dropout_weights(w, deterministic)
+      y = jnp.einsum("bhnm,bmhd->bnhd", wd.astype(v.dtype), v)
+    cls = 0 if ctx is None else ctx.cls_index
+    aux = collect_aux(need, probs=w, q=q, k=k, v=v, ctx=ctx,
+                      row_fn=lambda: self.cls_row(q, k, bias, cls))
     return self.project_out(y, x.shape[-1], deterministic), aux
+
+  def flash(self, q, k, v, bias):
+    """The FlashSigmoid kernel: no row max or sum; sizes enter as key weights exp(bias)."""
+    from vitjax.kernels import flash_sigmoid  # pylint: disable=import-outside-toplevel
+    key_weight = None if bias is None else jnp.exp(bias[:, 0, 0])
+    scale = q.shape[-1] ** -0.5 * math.exp(self.attn_temp)
+    return flash_sigmoid.sigmoid_attention(q, k, v, key_weight=key_weight, scale=scale,
+                                           offset=self.attn_bias)
+
+  def cls_row(self, q, k, bias, cls_index):
+    """The exact [CLS] row [B,H,M] without the other rows (R1 of the spec)."""
+    logits = scaled_logits(q[:, cls_index:cls_index + 1 or None], k, self.attn_temp)
+    return sigmoid_weights(logits, bias, self.attn_bias)[:, :, 0]
