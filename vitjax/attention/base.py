@@ -27,7 +27,8 @@ class AttnContext:
   """What an attention layer may know about its tokens besides their features."""
   key_bias: Optional[jax.Array] = None  # [B, N] additive per-key logit bias (ToMe's log size)
   size: Optional[jax.Array] = None      # [B, N] how many patches each token stands for
-  valid: Optional[jax.Array] = None     # [B, N] bool, False = padding / dropped key
+  valid: Optional[jax.Array] = None     # [B, N] bool, False = padding / dropped key; or a
+                                        # {0,1} float keep policy (DynamicViT training)
   pos: Optional[jax.Array] = None       # [B, N, 2] (row, col) in patch units, NaN for prefix tokens
   step: Optional[jax.Array] = None      # training step, for schedules inside a mechanism
   grid: Optional[tuple] = flax.struct.field(pytree_node=False, default=None)  # (h, w), raster order
@@ -67,13 +68,33 @@ def additive_key_bias(ctx: Optional[AttnContext], n: int) -> Optional[jax.Array]
   if ctx.key_bias is not None:
     bias = ctx.key_bias.astype(jnp.float32)
   if ctx.valid is not None:
-    mask = jnp.where(ctx.valid, 0.0, -jnp.inf).astype(jnp.float32)
+    if jnp.issubdtype(ctx.valid.dtype, jnp.floating):
+      mask = policy_key_bias(ctx.valid)
+    else:
+      mask = jnp.where(ctx.valid, 0.0, -jnp.inf).astype(jnp.float32)
     bias = mask if bias is None else bias + mask
   if bias is None:
     return None
   if bias.shape[-1] != n:
     raise ValueError(f"key bias has {bias.shape[-1]} keys but the layer sees {n} tokens")
   return bias[:, None, None, :]
+
+
+POLICY_EPS = 1e-20  # weight left to a dropped key, relative: invisible in fp32 and bf16 outputs
+
+
+def policy_key_bias(policy: jax.Array) -> jax.Array:
+  """A {0, 1} float keep policy [B, N] as an additive key bias with DynamicViT's gradient.
+
+  DynamicViT multiplies exp(logits) by the policy, so a dropped key j still passes the gradient
+  sum_i q_ij (...) to its decision (q: the softmax weight it would have). A -inf bias passes none.
+  Forward: bias 0 for kept keys and log(eps) for dropped ones; backward: d bias / d policy =
+  1 / (policy + eps), the derivative of log(policy + eps), which reproduces that gradient.
+  """
+  p = policy.astype(jnp.float32)
+  hard = jax.lax.stop_gradient(p)
+  bias = jnp.where(hard > 0.5, 0.0, jnp.log(POLICY_EPS)).astype(jnp.float32)
+  return bias + (p - hard) / (hard + POLICY_EPS)
 
 
 def cls_row(probs: jax.Array, cls_index: Optional[int]) -> jax.Array:

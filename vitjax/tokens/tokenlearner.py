@@ -1,0 +1,212 @@
+"""`tokenlearner` (v1.1), `tokenlearner_v1` (v1.0) and the TokenFuser (Ryoo et al., NeurIPS 2021),
+following the official Flax code (google-research/scenic, projects/token_learner).
+
+v1.1: alpha = softmax over the image tokens of MLP_{D -> 64 -> S}(LN(x)) (GELU); y_s = sum_i
+alpha_si x_i with the raw tokens. Each learned token is a convex combination of the inputs.
+v1.0: four 3x3 convolutions on the token grid (no bias, GELU between them), a sigmoid, then sum
+(or mean) pooling of the raw tokens with those maps; it needs the grid at its location.
+TokenFuser (`fuser=True`): at every block from the location on, the block runs on the S learned
+tokens and the fuser maps them back onto the N tokens it started from:
+t = LN(Dense_{S -> S, zero init}(LN(y)^T)^T); beta = sigmoid(MLP_{D -> 64 -> S}(LN(x))) [N, S];
+out = beta t + x. The zero-initialised mixing makes the fuser the identity at initialisation.
+
+The prefix (CLS, registers) is never pooled: it passes through (the paper's models have no CLS and
+pool with GAP). Sizes after a learner are alpha @ size (soft merge, see tokens.base.merge_state).
+"""
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from vitjax.tokens import registry
+from vitjax.tokens.base import Reducer, merge_state
+
+DEFAULT_TOKENS = 8  # scenic's EncoderMod default (small models); the ImageNet config uses 16
+# scenic's MlpBlock initialisation
+_mlp_init = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(1e-6))
+
+
+class MlpBlock(nn.Module):
+  """Dense -> GELU (tanh form, flax's default) -> dropout -> Dense -> dropout (scenic MlpBlock)."""
+  mlp_dim: int
+  out_dim: int
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    x = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, **_mlp_init)(x))
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = nn.Dense(self.out_dim, dtype=self.dtype, **_mlp_init)(x)
+    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+
+class TokenLearnerV11(nn.Module):
+  """tokens [B, N, D] -> (learned tokens [B, S, D], pooling weights [B, S, N], rows sum to 1)."""
+  num_tokens: int
+  bottleneck: int = 64
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    h = nn.LayerNorm(dtype=self.dtype, name="norm")(x)
+    h = MlpBlock(self.bottleneck, self.num_tokens, self.dropout, self.dtype,
+                 name="token_masking")(h, deterministic)
+    alpha = jax.nn.softmax(h.astype(jnp.float32).transpose(0, 2, 1), axis=-1)
+    return jnp.einsum("bsn,bnd->bsd", alpha.astype(x.dtype), x), alpha
+
+
+class TokenLearnerV10(nn.Module):
+  """tokens on a grid [B, h*w, D] -> (learned tokens [B, S, D], pooling weights [B, S, h*w])."""
+  num_tokens: int
+  grid: tuple
+  sum_pooling: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic: bool):
+    b, n, d = x.shape
+    h = nn.LayerNorm(dtype=self.dtype, name="norm")(x).reshape(b, *self.grid, d)
+    for i in range(4):
+      h = nn.Conv(self.num_tokens, (3, 3), padding="SAME", use_bias=False, dtype=self.dtype,
+                  name=f"conv_{i}")(h)
+      h = nn.gelu(h) if i < 3 else h
+    maps = jax.nn.sigmoid(h.reshape(b, n, self.num_tokens).astype(jnp.float32)).transpose(0, 2, 1)
+    weights = maps if self.sum_pooling else maps / n
+    return jnp.einsum("bsn,bnd->bsd", weights.astype(x.dtype), x), weights
+
+
+class TokenFuser(nn.Module):
+  """(learned tokens after a block [B, S, D], the tokens they came from [B, N, D]) -> update
+  [B, N, D] to add to the latter; zero at initialisation."""
+  bottleneck: int = 64
+  dropout: float = 0.0
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens, original, deterministic: bool):
+    s = tokens.shape[1]
+    t = nn.LayerNorm(dtype=self.dtype, name="mix_norm1")(tokens)
+    t = nn.Dense(s, kernel_init=nn.initializers.zeros, dtype=self.dtype,
+                 name="mix")(t.transpose(0, 2, 1)).transpose(0, 2, 1)
+    t = nn.LayerNorm(dtype=self.dtype, name="mix_norm2")(t)
+    o = nn.LayerNorm(dtype=self.dtype, name="norm")(original)
+    beta = jax.nn.sigmoid(MlpBlock(self.bottleneck, s, self.dropout, self.dtype,
+                                   name="token_masking")(o, deterministic))
+    out = jnp.einsum("bsd,bns->bnd", t, beta.astype(t.dtype))
+    return nn.Dropout(self.dropout)(out, deterministic=deterministic)
+
+
+def plan_tokenlearner(name: str, options: dict, depth: int, num_patches: int, grid_needed: bool):
+  """Options: num_tokens (int or one per location; default 8) or keep_rate (cumulative counts
+  floor(N0 * kr^s)); locations (default: 3/4 of the depth, block 9 of 12 as in the scenic config);
+  fuser; bottleneck; dropout; sum_pooling (v1.0)."""
+  own = {"fuser": False, "bottleneck": 64, "dropout": 0.0}
+  if grid_needed:
+    own["sum_pooling"] = True
+  opts = dict(options)
+  valid = {"num_tokens", "keep_rate", "locations", *own}
+  if set(opts) - valid:
+    raise ValueError(f"token reducer {name!r} has no option(s) {sorted(set(opts) - valid)}; "
+                     f"valid: {sorted(valid)}")
+  locs = tuple(int(l) for l in opts.pop("locations", (depth * 3 // 4,)))
+  if not locs or any(not 0 <= l < depth for l in locs) or list(locs) != sorted(set(locs)):
+    raise ValueError(f"{name}: locations {locs} must be increasing block indices in 0..{depth - 1}")
+  counts = learned_counts(name, opts, len(locs), num_patches)
+  own.update(opts)
+  if own["fuser"] and len(locs) != 1:
+    raise ValueError(f"{name}: with fuser=True give one location (learn and fuse at every block "
+                     f"from there on), got {locs}")
+  if grid_needed and len(locs) != 1 and not own["fuser"]:
+    raise ValueError(f"{name} (v1.0) needs the token grid, which exists only at its first "
+                     f"location; give one location, got {locs}")
+  side = math.isqrt(num_patches)
+  if grid_needed and side * side != num_patches:
+    raise ValueError(f"{name} (v1.0) needs a square token grid, got {num_patches} patches")
+  plan = [None] * depth
+  blocks = range(locs[0], depth) if own["fuser"] else locs
+  for i, loc in enumerate(blocks):
+    kw = dict(count=counts[0 if own["fuser"] else i], num_patches=num_patches, **own)
+    if grid_needed:
+      kw["grid"] = (side, side)
+    plan[loc] = kw
+  return plan
+
+
+def learned_counts(name: str, opts: dict, n_locs: int, num_patches: int) -> list:
+  """S per location from `num_tokens` or from a cumulative `keep_rate` (pops both from opts)."""
+  if "num_tokens" in opts and "keep_rate" in opts:
+    raise ValueError(f"{name}: give num_tokens or keep_rate, not both")
+  if "keep_rate" in opts:
+    kr = float(opts.pop("keep_rate"))
+    if not 0.0 < kr <= 1.0:
+      raise ValueError(f"{name}: keep_rate {kr} must lie in (0, 1]")
+    counts = [int(num_patches * kr ** (s + 1)) for s in range(n_locs)]
+  else:
+    s = opts.pop("num_tokens", DEFAULT_TOKENS)
+    counts = [int(c) for c in s] if isinstance(s, (tuple, list)) else [int(s)] * n_locs
+  if len(counts) != n_locs or min(counts) < 1:
+    raise ValueError(f"{name}: learned token counts {counts} for {n_locs} location(s)")
+  return counts
+
+
+@registry.register("tokenlearner", slot="pre", soft=True,
+                   paper="TokenLearner v1.1 (Ryoo et al., NeurIPS 2021; scenic)")
+class TokenLearner(Reducer):
+  """Learns `count` tokens from the image tokens; with `fuser`, maps them back after the block."""
+  count: int = DEFAULT_TOKENS
+  num_patches: int = 0       # N0, checked in fuser mode (every fused block starts from N0 tokens)
+  fuser: bool = False
+  bottleneck: int = 64
+  dropout: float = 0.0
+
+  @classmethod
+  def plan(cls, options, *, depth, num_patches, num_prefix):
+    return plan_tokenlearner("tokenlearner", options, depth, num_patches, grid_needed=False)
+
+  def make_learner(self):
+    return TokenLearnerV11(self.count, self.bottleneck, self.dropout, self.dtype)
+
+  def setup(self):
+    self.learner = self.make_learner()
+    if self.fuser:
+      self.token_fuser = TokenFuser(self.bottleneck, self.dropout, self.dtype)
+
+  def __call__(self, x, state, aux, *, deterministic=True):
+    p = self.num_prefix
+    if self.fuser and x.shape[1] != p + self.num_patches:
+      raise ValueError(f"TokenFuser blocks expect the {self.num_patches} image tokens to be "
+                       f"restored after each block, got {x.shape[1] - p}; the model must call "
+                       "`fuse_back` after the block")
+    y, weights = self.learner(x[:, p:], deterministic)
+    return jnp.concatenate([x[:, :p], y], axis=1), merge_state(state, weights, p)
+
+  # The model calls this after the block when `fuses_back` is true.
+  @property
+  def fuses_back(self) -> bool:
+    return self.fuser
+
+  def fuse_back(self, x, state, x_before, state_before, *, deterministic=True):
+    """x [B, p+S, D] after the block; x_before/state_before: the block's input before learning."""
+    p = self.num_prefix
+    res = x_before[:, p:]
+    img = self.token_fuser(x[:, p:], res, deterministic) + res
+    return jnp.concatenate([x[:, :p], img], axis=1), state_before
+
+
+@registry.register("tokenlearner_v1", slot="pre", soft=True, needs_grid=True,
+                   paper="TokenLearner v1.0 (Ryoo et al., NeurIPS 2021; scenic)")
+class TokenLearnerV1(TokenLearner):
+  """v1.0: convolutional spatial maps with a sigmoid; needs the grid at its location."""
+  grid: Optional[tuple] = None
+  sum_pooling: bool = True
+
+  @classmethod
+  def plan(cls, options, *, depth, num_patches, num_prefix):
+    return plan_tokenlearner("tokenlearner_v1", options, depth, num_patches, grid_needed=True)
+
+  def make_learner(self):
+    return TokenLearnerV10(self.count, tuple(self.grid), self.sum_pooling, self.dtype)
