@@ -61,6 +61,7 @@ def main(argv):
   del argv
   init_distributed()
   # pylint: disable=import-outside-toplevel
+  import jax
   from vitjax.train import checkpoint, guard, trainer
   logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
   try:
@@ -69,7 +70,8 @@ def main(argv):
     # Errors about the run, not the code: the message is the whole story.
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
-  print({k: v for k, v in summary.items() if v is not None}, flush=True)
+  if jax.process_index() == 0:
+    print({k: v for k, v in summary.items() if v is not None}, flush=True)
   if summary.get("stopped_by"):
     import signal  # pylint: disable=import-outside-toplevel
     sys.exit(128 + int(signal.Signals[summary["stopped_by"]]))

@@ -40,14 +40,17 @@ def env_for(data_dir, **hooks):
 class Run:
   """main.py (through the hook runner) in the background, its output in a file."""
 
-  def __init__(self, workdir, data_dir, *extra, **hooks):
-    self.log = open(f"{workdir}.log", "a+")
+  def __init__(self, workdir, data_dir, *extra, n_devices=None, log=None, **hooks):
+    self.log = open(log or f"{workdir}.log", "a+")
     self.log.write(f"\n=== run {extra} {hooks}\n")
     self.log.flush()
     self.start = self.log.tell()
+    env = env_for(data_dir, **hooks)
+    if n_devices:
+      env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
     self.proc = subprocess.Popen(
         [sys.executable, RUNNER, *FLAGS, f"--workdir={workdir}", *extra], cwd=ROOT,
-        env=env_for(data_dir, **hooks), stdout=self.log, stderr=subprocess.STDOUT)
+        env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
   def output(self) -> str:
     with open(self.log.name) as f:
@@ -91,7 +94,12 @@ def losses(workdir) -> dict:
 def params_at(workdir, step):
   mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
                                item_handlers={"state": ocp.StandardCheckpointHandler()})
-  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever wrote it
+  abstract = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device),
+      mngr.item_metadata(step)["state"].tree)
+  state = mngr.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract)))["state"]
   mngr.close()
   return jax.tree_util.tree_leaves(jax.device_get(state["params"]))
 

@@ -322,8 +322,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           finite.check(upto=done)
           eval_metrics = evaluate(eval_step, state.params, config, batch_sharding)
           writer.write(done, eval_metrics)
-          bar.write(f"step {done}: eval top-1 {eval_metrics['eval/top1']:.4f} "
-                    f"loss {eval_metrics['eval/loss']:.4f}")
+          if jax.process_index() == 0:
+            bar.write(f"step {done}: eval top-1 {eval_metrics['eval/top1']:.4f} "
+                      f"loss {eval_metrics['eval/loss']:.4f}")
           t_last = time.perf_counter()  # evaluation time is not training time
         planned = done == config.get("stop_at_step")  # a planned interruption (tests, limits)
         if done % steps["checkpoint"] == 0 or last or planned or stopped_by:
