@@ -162,6 +162,7 @@ class MAPHead(nn.Module):
   num_heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x, valid=None):
@@ -171,7 +172,7 @@ class MAPHead(nn.Module):
     x = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype)(
         probe, x, mask=mask)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)(x)
-    x = x + Mlp(self.mlp_dim, dtype=self.dtype)(y)
+    x = x + Mlp(self.mlp_dim, gelu_approximate=self.gelu_approximate, dtype=self.dtype)(y)
     return x[:, 0]
 
 
@@ -218,6 +219,7 @@ class ViT(nn.Module):
   num_heads: int = 6
   image_size: Sequence[int] = (224, 224)
   pool: str = "cls"
+  fc_norm: bool = True  # pool="gap": LayerNorm after pooling (timm); False: before it (big_vision)
   class_token: bool = True
   num_registers: int = 0
   distill_token: bool = False
@@ -453,19 +455,24 @@ class ViT(nn.Module):
     x = self.pool_tokens(x, state, out)
     return self.classify(x, train, out)
 
+  def mean_patch_tokens(self, x, state):
+    tokens = x[:, self.num_prefix:]
+    if state.valid is None:
+      return tokens.mean(axis=1)
+    v = state.valid[:, self.num_prefix:, None].astype(x.dtype)
+    return (tokens * v).sum(1) / jnp.maximum(v.sum(1), 1)
+
   def pool_tokens(self, x, state, out):
-    if self.pool == "gap":
-      tokens = x[:, self.num_prefix:]
-      if state.valid is not None:
-        v = state.valid[:, self.num_prefix:, None].astype(x.dtype)
-        pooled = (tokens * v).sum(1) / jnp.maximum(v.sum(1), 1)
-      else:
-        pooled = tokens.mean(axis=1)
+    if self.pool == "gap" and self.fc_norm:
+      pooled = self.mean_patch_tokens(x, state)
       return nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="fc_norm")(pooled)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name="norm")(x)
     out["encoded"] = x
+    if self.pool == "gap":
+      return self.mean_patch_tokens(x, state)
     if self.pool == "map":
-      return MAPHead(self.num_heads, self.mlp_dim, self.dtype, name="map_head")(x, state.valid)
+      return MAPHead(self.num_heads, self.mlp_dim, self.dtype, self.gelu_approximate,
+                     name="map_head")(x, state.valid)
     if self.distill_token:
       out["dist_pre_logits"] = x[:, 1]
     return x[:, 0]

@@ -1,0 +1,80 @@
+"""Pretrained checkpoints in and out: timm (`.safetensors`, `.pth`) and big_vision (`.npz`).
+
+  model = checkpoints.build_model("deit_small.safetensors", tokens=dict(name="evit", keep_rate=0.7))
+  params = checkpoints.load("deit_small.safetensors", model)          # numpy, nested like init
+  checkpoints.save("out.npz", params, model)                          # format from the suffix
+
+`load` checks names and shapes against the model and says which keys are missing or unexpected;
+the position embedding is resampled to the model's resolution. `skip=("head",)` leaves the head
+out, and `load_into(path, model, init_params, skip=...)` puts the rest over a fresh init.
+"""
+import os
+from typing import Iterable, Mapping, Optional
+
+from vitjax import models
+from vitjax.checkpoints import big_vision, common, timm
+from vitjax.checkpoints.common import CheckpointMismatch, merge  # noqa: F401
+
+FORMATS = {"timm": timm, "big_vision": big_vision}
+
+
+def detect_format(path: str) -> str:
+  suffix = os.path.splitext(str(path))[1]
+  if suffix in timm.SUFFIXES:
+    return "timm"
+  if suffix == ".npz":
+    return "big_vision"
+  raise ValueError(f"cannot tell the checkpoint format of {path!r} from its suffix: "
+                   f"{', '.join(timm.SUFFIXES)} are timm, .npz is big_vision")
+
+
+def is_pretrained_file(path) -> bool:
+  """True for a timm / big_vision file (as opposed to one of our orbax checkpoint folders)."""
+  return os.path.isfile(str(path)) and os.path.splitext(str(path))[1] in (*timm.SUFFIXES, ".npz")
+
+
+def _module(fmt: Optional[str], path: str):
+  fmt = fmt or detect_format(path)
+  if fmt not in FORMATS:
+    raise ValueError(f"unknown checkpoint format {fmt!r}; valid: {', '.join(FORMATS)}")
+  return FORMATS[fmt]
+
+
+def read(path: str, fmt: Optional[str] = None) -> dict:
+  """The raw file contents: a timm state dict or big_vision's flat names -> numpy arrays."""
+  mod = _module(fmt, path)
+  return mod.read_state_dict(path) if mod is timm else mod.read_npz(path)
+
+
+def model_config(path: str, fmt: Optional[str] = None, **kw) -> dict:
+  """The architecture stored in a file: vitjax model fields plus num_classes and image_size."""
+  mod = _module(fmt, path)
+  return mod.model_config(read(path, fmt), **kw)
+
+
+def build_model(path: str, *, fmt: Optional[str] = None, num_classes: Optional[int] = None,
+                image_size=None, dtype: str = "float32", num_heads: Optional[int] = None,
+                **overrides):
+  """A ViT with the architecture of the file (any field overridable, e.g. tokens=...)."""
+  kw = {"num_heads": num_heads} if num_heads else {}
+  cfg = model_config(path, fmt, **kw)
+  file_classes, file_size = cfg.pop("num_classes"), cfg.pop("image_size", None)
+  cfg.update(overrides)
+  return models.build(cfg, num_classes=file_classes if num_classes is None else num_classes,
+                      image_size=image_size or file_size, dtype=dtype)
+
+
+def load(path: str, model, *, fmt: Optional[str] = None, skip: Iterable[str] = (), **kw) -> dict:
+  """Parameters for `model` from a timm / big_vision file (see the format modules)."""
+  return _module(fmt, path).load(path, model, skip=skip, **kw)
+
+
+def load_into(path: str, model, init_params: Mapping, *, fmt: Optional[str] = None,
+              skip: Iterable[str] = ()) -> dict:
+  """The file's parameters over `init_params` (those in `skip` keep their initial values)."""
+  return merge(common.to_numpy(init_params), load(path, model, fmt=fmt, skip=skip))
+
+
+def save(path: str, params: Mapping, model, *, fmt: Optional[str] = None):
+  """Writes `params` of `model` in the format of `path`'s suffix (or `fmt`)."""
+  _module(fmt, path).save(path, params, model)
