@@ -82,11 +82,12 @@ def np_params(params):
 
 
 def close(a, b, tol=1e-5):
-  np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=tol,
+                             atol=tol)
 
 
 def check_forward_and_grads(module, ref, x, state, aux=None, tol=1e-4):
-  """Module vs reference `ref(params, x) -> tokens`: outputs, and gradients w.r.t. the params and x."""
+  """Module vs reference `ref(params, x) -> tokens`: outputs, and gradients w.r.t. params and x."""
   aux = aux or {}
   params = fast_jit(module.init)(jax.random.PRNGKey(1), x, state, aux)["params"]
   run = lambda p, x: module.apply({"params": p}, x, state, aux)[0]
@@ -302,24 +303,15 @@ def vit_loss(model, params, train: bool, task_only=False):
 
 def test_dynamicvit_masked_training_equals_pruned_inference():
   """With the decision fixed to the inference top-k, the masked training forward gives the pruned
-  inference forward's CLS output; the task loss alone trains the predictors (through attention)."""
+  inference forward's CLS output."""
   model = tiny_vit("dynamicvit", train_decision="topk")
   v = vit_init(model, head_seed=4)
-
-  @fast_jit
-  def run(params):
-    _, (eval_logits, eval_out) = vit_loss(model, params, False)
-    grad_fn = jax.grad(lambda p: vit_loss(model, p, True, task_only=True), has_aux=True)
-    g, (train_logits, train_out) = grad_fn(params)
-    return eval_logits, eval_out, train_logits, train_out, g
-
-  eval_logits, eval_out, train_logits, train_out, g = run(v["params"])
+  run = fast_jit(lambda p: (vit_loss(model, p, False)[1], vit_loss(model, p, True)[1]))
+  (eval_logits, eval_out), (train_logits, train_out) = run(v["params"])
   assert eval_out["token_state"].size.shape == (B, P + 4)
   assert train_out["token_state"].valid.sum(1).tolist() == [P + 4] * B
   close(train_logits, eval_logits, 1e-5)
   close(train_out["pre_logits"], eval_out["pre_logits"], 1e-5)
-  for stage in ("reduce_1", "reduce_2"):
-    assert float(jnp.abs(g[stage]["predictor"]["out_fc3"]["kernel"]).max()) > 0
 
 
 def test_dynamicvit_distill_loss():
@@ -329,7 +321,8 @@ def test_dynamicvit_distill_loss():
   lp = np.asarray(jax.nn.log_softmax(logits)); lt = np.asarray(jax.nn.log_softmax(t_logits))
   kl = (np.exp(lt) * (lt - lp)).sum() / B
   sel = np.asarray(keep).reshape(-1) > 0.5
-  mse = ((np.asarray(toks).reshape(-1, D)[sel] - np.asarray(t_toks).reshape(-1, D)[sel]) ** 2).mean()
+  diff = np.asarray(toks).reshape(-1, D)[sel] - np.asarray(t_toks).reshape(-1, D)[sel]
+  mse = (diff ** 2).mean()
   close(dvit.distill_loss(logits, toks, keep, t_logits, t_toks), 0.5 * kl + 0.5 * mse, 1e-5)
   close(dvit.distill_loss(logits, toks, keep * 0, t_logits, t_toks), 0.5 * kl, 1e-5)
 
@@ -475,7 +468,8 @@ def test_kmedoids_matches_reference_and_copies_tokens(opts):
     idx, labels = np_kmedoids(xs[b], None if opts.get("equal_weight") else w[b], m.count, 3,
                               opts.get("medoid_update", "haurum"), start=0)
     np.testing.assert_array_equal(np.asarray(y[b, P:]), np.asarray(x[b, P:])[idx])  # exact copies
-    np.testing.assert_array_equal(np.asarray(new.size[b, P:]), np.bincount(labels, minlength=m.count))
+    np.testing.assert_array_equal(np.asarray(new.size[b, P:]),
+                                  np.bincount(labels, minlength=m.count))
     close(new.pos[b, P:], np.asarray(state.pos[b, P:])[idx])
   np.testing.assert_array_equal(np.asarray(y[:, :P]), np.asarray(x[:, :P]))
   close(new.size.sum(1), P + N)
@@ -491,7 +485,8 @@ def np_dpcknn(x, m, k):
   density = np.exp(-(np.sort(dist, axis=1)[:, :k] ** 2).mean(1))
   delta = np.empty(n)
   for i in range(n):
-    denser = [j for j in range(n) if density[j] > density[i] or (density[j] == density[i] and j < i)]
+    denser = [j for j in range(n)
+              if density[j] > density[i] or (density[j] == density[i] and j < i)]
     delta[i] = dist[i, denser].min() if denser else dist.max()
   centers = np.argsort(-(delta * density), kind="stable")[:m]
   labels = np.argmin(dist[centers], axis=0)
@@ -508,7 +503,8 @@ def test_dpcknn_matches_reference_and_is_convex():
     img = x[:, P:]
     w = jnp.exp(img @ params["score"]["kernel"][:, 0] + params["score"]["bias"][0])
     num = jnp.einsum("bmn,bn,bnd->bmd", onehot, w, img)
-    return jnp.concatenate([x[:, :P], num / (jnp.einsum("bmn,bn->bm", onehot, w) + 1e-6)[..., None]], 1)
+    den = jnp.einsum("bmn,bn->bm", onehot, w) + 1e-6
+    return jnp.concatenate([x[:, :P], num / den[..., None]], 1)
 
   params = check_forward_and_grads(m, ref, x, state)
   _, new = japply(m, {"params": params}, x, state, {})
@@ -519,7 +515,8 @@ def test_dpcknn_matches_reference_and_is_convex():
     assert (labels[b][centers] == np.arange(m.count)).all()   # every centre in its own cluster
   # equal weights: cluster means
   y, _ = japply(build("dpcknn", equal_weight=True), {}, x, state, {})
-  means = np.einsum("bmn,bnd->bmd", onehot, np.asarray(x[:, P:])) / (onehot.sum(-1)[..., None] + 1e-6)
+  means = np.einsum("bmn,bnd->bmd", onehot, np.asarray(x[:, P:]))
+  means = means / (onehot.sum(-1)[..., None] + 1e-6)
   close(y[:, P:], means, 1e-5)
 
 
@@ -633,23 +630,34 @@ def test_jit_static_shapes_one_trace(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_in_tiny_vit_forward_and_grad_finite(name):
-  """Forward and gradient in train mode (dropout rng), forward in eval mode. Only DynamicViT
-  computes differently in the two modes (its eval path is differentiated in the oracle test); for
-  the others the two forwards must agree, so the train-mode gradient covers both."""
+  """Forward and gradient in train mode (dropout rng) and eval mode. Only DynamicViT computes
+  differently in the two modes; for the others the two forwards must agree, so the train-mode
+  gradient covers both (one compile less per method)."""
   model = tiny_vit(name)
-  v = vit_init(model)
+  dyn = name == "dynamicvit"
+  v = vit_init(model, head_seed=4 if dyn else None)
 
   @fast_jit
   def run(params):
-    train = jax.value_and_grad(lambda p: vit_loss(model, p, True), has_aux=True)(params)
-    return train, vit_loss(model, params, False)
+    # DynamicViT: the task loss alone, to see its gradient reach the predictors through attention
+    loss = lambda p: vit_loss(model, p, True, task_only=dyn)
+    if dyn:  # the only method whose eval path differs: differentiate that one too
+      eval_loss, eval_g = jax.value_and_grad(lambda p: vit_loss(model, p, False)[0])(params)
+      assert_finite = [eval_loss] + jax.tree.leaves(eval_g)
+    else:
+      assert_finite = []
+    return (jax.value_and_grad(loss, has_aux=True)(params), vit_loss(model, params, False),
+            assert_finite)
 
-  ((val, (logits, out)), g), (eval_loss, (eval_logits, eval_out)) = run(v["params"])
+  ((val, (logits, out)), g), (eval_loss, (eval_logits, eval_out)), extra = run(v["params"])
+  assert all(np.isfinite(np.asarray(l)).all() for l in extra)
   final = P + 8 if name == "tokenlearner_v1" else P + 4
   assert np.isfinite(float(val)) and np.isfinite(float(eval_loss))
   assert all(np.isfinite(np.asarray(l)).all() for l in jax.tree.leaves(g))
   assert eval_out["token_state"].size.shape == (B, final)
-  if name == "dynamicvit":  # masked, not removed; its pruned eval path is checked further above
+  if dyn:  # masked, not removed; its pruned eval path is checked against it further above
     assert out["token_state"].size.shape == (B, P + N)
+    for stage in ("reduce_1", "reduce_2"):
+      assert float(jnp.abs(g[stage]["predictor"]["out_fc3"]["kernel"]).max()) > 0
   else:
     close(logits, eval_logits, 1e-6)

@@ -107,7 +107,8 @@ def cumulative_schedule(name: str, options: dict, *, depth: int, num_patches: in
   else:
     ratios = rates = [float(r) for r in kr]
     if len(ratios) != len(locs):
-      raise ValueError(f"token reducer {name!r}: {len(ratios)} keep rates for {len(locs)} locations")
+      raise ValueError(f"token reducer {name!r}: {len(ratios)} keep rates for {len(locs)} "
+                       "locations")
   if any(not 0.0 < r <= 1.0 for r in rates):
     raise ValueError(f"token reducer {name!r}: keep_rate {kr} must lie in (0, 1]")
   counts = [int(num_patches * r) for r in ratios]

@@ -114,5 +114,6 @@ class KMedoids(Reducer):
     y = take_tokens(img, idx)
     new = merge_state(state, jax.nn.one_hot(labels, self.count).transpose(0, 2, 1), p)
     if state.pos is not None:
-      new = new.replace(pos=jnp.concatenate([state.pos[:, :p], take_tokens(state.pos[:, p:], idx)], 1))
+      pos = take_tokens(state.pos[:, p:], idx)
+      new = new.replace(pos=jnp.concatenate([state.pos[:, :p], pos], 1))
     return jnp.concatenate([x[:, :p], y], axis=1), new

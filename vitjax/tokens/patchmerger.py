@@ -1,4 +1,5 @@
-"""`patchmerger`: PatchMerger (Renggli et al. 2022), as re-implemented in the Haurum et al. benchmark.
+"""`patchmerger`: PatchMerger (Renggli et al. 2022), as re-implemented in the Haurum et al.
+benchmark.
 
 M learned queries W [M, D] attend over the layer-normed image tokens z = LN(x):
 A = softmax over tokens of (W z^T * c), y = A z, with c = 1 (or D^-1/2 with `scaled=True`).

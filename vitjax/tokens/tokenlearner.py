@@ -25,7 +25,8 @@ from vitjax.tokens.base import Reducer, merge_state
 
 DEFAULT_TOKENS = 8  # scenic's EncoderMod default (small models); the ImageNet config uses 16
 # scenic's MlpBlock initialisation
-_mlp_init = dict(kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.normal(1e-6))
+_mlp_init = dict(kernel_init=nn.initializers.xavier_uniform(),
+                 bias_init=nn.initializers.normal(1e-6))
 
 
 class MlpBlock(nn.Module):
