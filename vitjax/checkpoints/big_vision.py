@@ -187,7 +187,8 @@ def from_big_vision(flat: Mapping, model, *, skip: Iterable[str] = ()) -> dict:
   """
   src = {k: np.asarray(v, np.float32) for k, v in normalize(flat).items()}
   skip = tuple(skip)
-  abstract = common.flatten(common.unscan(common.abstract_params(model), model.depth))
+  channels = np.shape(src.get("embedding/kernel", np.zeros((0, 0, 3))))[2]
+  abstract = common.flatten(common.unscan(common.abstract_params(model, channels), model.depth))
   kept = {p: s for p, s in abstract.items() if not common.skipped(p, skip)}
   expected = _to_bv(common.zeros_like_abstract(kept), model.width, model.num_heads)
   ignored = set(_to_bv(common.zeros_like_abstract(

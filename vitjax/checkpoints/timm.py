@@ -215,7 +215,8 @@ def from_timm(sd: Mapping, model, *, skip: Iterable[str] = (), no_embed_class=No
   _check_supported(model)
   sd = clean_state_dict(sd)
   skip = tuple(skip)
-  abstract = common.flatten(common.unscan(common.abstract_params(model), model.depth))
+  channels = np.shape(sd.get("patch_embed.proj.weight", np.zeros((0, 3))))[1]
+  abstract = common.flatten(common.unscan(common.abstract_params(model, channels), model.depth))
   names = {p: timm_key(p) for p in abstract
            if not _is_prefix_or_posemb(p) and not common.skipped(p, skip)}
   token_keys = {n: TOKEN_KEYS[n] for n in common.prefix_names(model)}

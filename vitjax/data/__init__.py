@@ -17,8 +17,10 @@ from vitjax.data.pipeline import make_train_loader
 from vitjax.data.pipeline import num_classes
 from vitjax.data.pipeline import num_eval_batches
 from vitjax.data.pipeline import num_examples
+from vitjax.data import augment  # registers the DeiT pp ops (randaugment, random_erasing)
 
 __all__ = [
+    "augment",
     "DataInfo",
     "DatasetNotPreparedError",
     "VitjaxDigits",

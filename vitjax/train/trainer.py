@@ -14,6 +14,7 @@ from vitjax import config_lib, models
 from vitjax.train import guard
 from vitjax.train import mesh as mesh_lib
 from vitjax.train import optim
+from vitjax.train import recipe  # DeiT recipe: EMA, mixup, distillation, layer decay, init_from
 # checkpoint (orbax, grain) and metrics (tensorboard) are imported where used: the ahead-of-time
 # compile tool (`vitjax.train.aot`) builds the train step in an environment without them.
 
@@ -54,9 +55,11 @@ def make_train_step(model, tx, config):
   nan_at = config.get("debug_nan_at_step")  # tests: poisons the loss of this (1-based) step
 
   def loss_fn(params, images, labels, rng, scale=1.0):
-    (logits, _), extra = model.apply({"params": params}, images, train=True,
-                                     rngs={"dropout": rng}, mutable=["losses"])
-    loss = cross_entropy(logits, labels, model.num_classes, smoothing).mean() * scale
+    (logits, out), extra = model.apply({"params": params}, images, train=True,
+                                       rngs={"dropout": rng}, mutable=["losses"])
+    # labels: int [B], soft [B, C] (mixup) or with the teacher's logits (distillation)
+    loss = recipe.train_loss(logits, out, labels, model.num_classes, smoothing, config)
+    loss = loss.mean() * scale
     # Reducers such as DynamicViT sow their own (already weighted) losses.
     aux_loss = sum(jnp.sum(v) for v in jax.tree_util.tree_leaves(extra.get("losses", {})))
     return loss + aux_loss, (loss, logits)
@@ -65,11 +68,11 @@ def make_train_step(model, tx, config):
 
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
-    images, labels = batch["image"], batch["label"]
+    images, labels = batch["image"], recipe.targets(batch)
     scale = 1.0 if nan_at is None else jnp.where(state.step + 1 == nan_at, jnp.nan, 1.0)
     if accum == 1:
       (_, (loss, logits)), grads = grad_fn(state.params, images, labels, rng, scale)
-      correct = jnp.mean(jnp.argmax(logits, -1) == labels)
+      correct = jnp.mean(jnp.argmax(logits, -1) == recipe.hard_labels(labels))
     else:
       micro = lambda x: x.reshape(accum, -1, *x.shape[1:])
       zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
@@ -79,10 +82,12 @@ def make_train_step(model, tx, config):
         i, im, lb = xs
         (_, (l, lg)), g = grad_fn(state.params, im, lb, jax.random.fold_in(rng, i), scale)
         g_sum = jax.tree_util.tree_map(jnp.add, g_sum, g)
-        return (g_sum, l_sum + l, c_sum + jnp.mean(jnp.argmax(lg, -1) == lb)), None
+        hits = jnp.argmax(lg, -1) == recipe.hard_labels(lb)
+        return (g_sum, l_sum + l, c_sum + jnp.mean(hits)), None
 
       (grads, loss, correct), _ = jax.lax.scan(
-          body, (zeros, 0.0, 0.0), (jnp.arange(accum), micro(images), micro(labels)))
+          body, (zeros, 0.0, 0.0),
+          (jnp.arange(accum), micro(images), jax.tree_util.tree_map(micro, labels)))
       grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
       loss, correct = loss / accum, correct / accum
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -252,10 +257,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
   model = build_model(config, info)
   steps = durations(config, info.num_examples[config.data.train_split])
   tx, lr_fn = optim.make_optimizer(config.optimizer, steps["total"], steps["warmup"])
+  tx = recipe.wrap_optimizer(tx, config, model)  # + layer-wise lr decay, EMA (when configured)
 
   abstract, state_shardings, init_state = state_spec(model, tx, config, mesh, info.image_shape)
   n_params = models.num_params(abstract.params)
   batch_sharding = mesh_lib.batch_sharding(mesh)
+  extras = recipe.Recipe(config, model, info, batch_sharding)
   def shapes(kr):  # the static token counts of the model at keep rate kr
     return repr(build_model(config, info, keep_rate=kr).reduction_plan())
 
@@ -276,14 +283,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return step_fns[key](state, batch)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, batch_sharding))
 
-  data_iter = iter(data.make_train_loader(config.data, global_batch_size=config.batch_size,
-                                          seed=config.seed))
+  data_iter = iter(extras.train_loader(data))  # repeated augmentation when configured
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
                                keep_every=config.get("keep_checkpoint_every_steps"),
                                async_save=config.get("async_checkpoints", True))
   state, start = ckpt.restore_latest(abstract, data_iter)
   if state is None:
-    state = init_state()
+    state = extras.init_params(init_state(), tx, state_shardings)  # config.init_from
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   say(f"{type(model).__name__}: {n_params:,} parameters; {steps['total']} steps "
       f"({steps['steps_per_epoch']} per epoch) on mesh {dict(mesh.shape)}"
@@ -297,7 +303,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   try:
     with guard.StopRequests() as stop_requests:
       for step in range(start, steps["total"]):
-        batch = global_batch(next(data_iter), batch_sharding)
+        batch = extras.batch(next(data_iter), step, global_batch)  # + mixup, teacher logits
         state, m = train_step(state, batch, step)
         pending.append(m)
         finite.add(step + 1, m)
@@ -321,6 +327,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if (done % steps["eval"] == 0 or last) and not stopped_by:
           finite.check(upto=done)
           eval_metrics = evaluate(eval_step, state.params, config, batch_sharding)
+          eval_metrics.update(extras.evaluate_ema(state, evaluate, make_eval_step))
           writer.write(done, eval_metrics)
           if jax.process_index() == 0:
             bar.write(f"step {done}: eval top-1 {eval_metrics['eval/top1']:.4f} "
