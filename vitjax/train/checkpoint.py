@@ -14,6 +14,7 @@ Keeps the newest `keep` steps plus every step divisible by `keep_every`.
 import glob
 import logging
 import os
+import re
 import time
 
 import grain.python as grain
@@ -92,6 +93,8 @@ class Checkpointer:
     """Restores `step` into the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
     step = self.latest_step() if step is None else step
     self.check_compatible(step, abstract_state)
+    if data_iter is not None:
+      self.check_processes(step)
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
       items["data"] = grain.PyGrainCheckpointRestore(data_iter)
@@ -133,7 +136,8 @@ class Checkpointer:
     """
     try:
       saved = self.manager.item_metadata(step)["state"]
-      saved_params = _shapes(saved["params"] if isinstance(saved, dict) else saved.params)
+      saved = getattr(saved, "tree", saved)  # orbax's TreeMetadata holds the nested dicts
+      saved_params = _shapes(saved["params"])
       saved_leaves = sorted(_shapes(saved).values())
     except Exception:  # pylint: disable=broad-except
       return
@@ -148,6 +152,18 @@ class Checkpointer:
           f"the checkpoint at step {step} in {self.directory} has the same parameters but a "
           "different optimizer state (another optimizer or its options?). Use a new --workdir, "
           "or the optimizer config that wrote this checkpoint")
+
+  def check_processes(self, step: int):
+    """The data-iterator positions are per process: resuming needs the same process count."""
+    path = os.path.join(self.directory, str(step), "data")
+    counts = {int(m.group(1)) for m in (re.fullmatch(r"process_\d+-of-(\d+)\.json", n)
+                                        for n in (os.listdir(path) if os.path.isdir(path) else ()))
+              if m}
+    if counts and jax.process_count() not in counts:
+      raise CheckpointMismatchError(
+          f"the checkpoint at step {step} in {self.directory} holds the data-iterator positions "
+          f"of {sorted(counts)} processes but this run has {jax.process_count()}: resume with "
+          "the same number of processes")
 
   def wait(self):
     self.manager.wait_until_finished()
