@@ -153,7 +153,8 @@ def test_errors_name_missing_unexpected_and_bad_shapes(tmp_path):
   with pytest.raises(checkpoints.CheckpointMismatch, match="dist_token.*head_dist"):
     timm.from_timm(timm.to_timm(random_params(deit), deit), model)
   wide = dict(sd, **{"blocks.0.mlp.fc1.weight": np.zeros((10, model.width), np.float32)})
-  with pytest.raises(checkpoints.CheckpointMismatch, match=rf"block_0/mlp/fc1/kernel.*\({model.width}, 10\)"):
+  with pytest.raises(checkpoints.CheckpointMismatch,
+                     match=rf"block_0/mlp/fc1/kernel.*\({model.width}, 10\)"):
     timm.from_timm(wide, model)
   # big_vision: wrong head count shows up as a shape error, unsupported parameters are named
   bv = big_vision.to_big_vision(random_params(build(num_heads=4)), build(num_heads=4))
@@ -260,8 +261,9 @@ TORCH_SCRIPT = textwrap.dedent("""
 def _has_timm(python) -> bool:
   if not python:
     return False
-  probe = subprocess.run([python, "-c", "import importlib.util as u, sys; "
-                          "sys.exit(0 if u.find_spec('timm') and u.find_spec('safetensors') else 1)"],
+  code = ("import importlib.util as u, sys; "
+          "sys.exit(0 if u.find_spec('timm') and u.find_spec('safetensors') else 1)")
+  probe = subprocess.run([python, "-c", code],
                          capture_output=True, check=False)
   return probe.returncode == 0
 

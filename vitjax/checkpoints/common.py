@@ -47,7 +47,8 @@ def unflatten(flat: Mapping) -> dict:
 
 
 def unscan(params: Mapping, depth: int) -> dict:
-  """`encoder/block/...` stacked over depth (scan=True) -> `block_{i}/...` (the converters' view)."""
+  """`encoder/block/...` stacked over depth (scan=True) -> `block_{i}/...` (how converters see
+  the blocks)."""
   params = dict(params)
   if "encoder" not in params:
     return params
@@ -132,7 +133,7 @@ def prefix_names(model) -> list:
 
 
 def covered_by_posemb(model) -> tuple:
-  """Prefix tokens that have an entry in the model's `pos_embedding` (see ViT.add_prefix_and_posemb)."""
+  """Prefix tokens with an entry in the model's `pos_embedding` (ViT.add_prefix_and_posemb)."""
   if model.posemb != "learn" or not model.posemb_prefix:
     return ()
   return tuple(n for n in ("cls", "dist") if n in prefix_names(model))

@@ -116,8 +116,8 @@ def ema(decay: float) -> optax.GradientTransformation:
 
 def ema_params(opt_state):
   """The EMA parameters inside an optimizer state, or None without EMA."""
-  found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
-           if isinstance(x, EmaState)]
+  is_ema = lambda x: isinstance(x, EmaState)
+  found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_ema) if is_ema(x)]
   return found[0].ema if found else None
 
 

@@ -1,0 +1,210 @@
+r"""Evaluation mode: top-1, top-5, throughput, analytic GMACs and parameters (the columns of the
+EViT and ToMe tables), printed as a markdown table and written as JSON.
+
+  python -m vitjax.evaluate --config=configs/default.py --checkpoint=workdirs/default
+  python -m vitjax.evaluate --config=configs/offtheshelf.py:reducer=evit \
+      --checkpoint=deit_small_patch16_224.safetensors --keep_rates=1.0,0.9,0.7,0.5
+
+--checkpoint: one of our training workdirs (or its checkpoints/ folder; the latest step, --ema for
+the EMA parameters), or a timm (.safetensors/.pth) / big_vision (.npz) file. Without it the
+config's init_from is used. --keep_rates evaluates the same weights at several keep rates (one
+row each). Throughput: jit-compiled forward, warmed up, median of --runs timed runs on
+device-resident random inputs of --throughput_batch images (the input pipeline is not timed).
+"""
+import json
+import os
+import statistics
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitjax import checkpoints, models
+from vitjax import tokens as tokens_lib
+from vitjax.train import mesh as mesh_lib
+from vitjax.train import optim, recipe, trainer
+
+COLUMNS = (("model", "model"), ("tokens", "reducer"), ("keep_rate", "keep rate / r"),
+           ("top1", "top-1 (%)"), ("top5", "top-5 (%)"), ("images_per_sec", "throughput (img/s)"),
+           ("gmacs", "GMACs"), ("params_m", "params (M)"))
+
+
+# ------------------------------------------------------------------ parameters
+def find_workdir(path: str) -> str:
+  """A training workdir from the workdir itself or its checkpoints/ folder."""
+  path = os.path.abspath(path.rstrip("/"))
+  if os.path.basename(path) == "checkpoints":
+    return os.path.dirname(path)
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    return path
+  raise FileNotFoundError(f"{path} is neither a timm/big_vision file nor a training workdir "
+                          "(a folder with checkpoints/ inside)")
+
+
+def restore_params(config, model, info, workdir: str, *, ema: bool = False):
+  """The parameters (or their EMA) of the latest checkpoint of a training workdir."""
+  from vitjax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  steps = trainer.durations(config, info.num_examples[config.data.train_split])
+  tx, _ = optim.make_optimizer(config.optimizer, steps["total"], steps["warmup"])
+  tx = recipe.wrap_optimizer(tx, config, model)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  abstract, _, _ = trainer.state_spec(model, tx, config, mesh, info.image_shape)
+  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
+  try:
+    step = ckpt.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
+    state, _ = ckpt.restore(abstract, None, step)
+  finally:
+    ckpt.close()
+  if not ema:
+    return state.params, step
+  params = recipe.ema_params(state.opt_state)
+  if params is None:
+    raise ValueError(f"--ema: the checkpoint in {workdir} has no EMA (config.ema was not set)")
+  return params, step
+
+
+def load_params(config, model, info, checkpoint: str, *, ema: bool = False):
+  """(params, description of where they came from)."""
+  if checkpoints.is_pretrained_file(checkpoint):
+    if ema:
+      raise ValueError("--ema applies to our training checkpoints, not to imported files")
+    return checkpoints.load(checkpoint, model), os.path.basename(checkpoint)
+  params, step = restore_params(config, model, info, find_workdir(checkpoint), ema=ema)
+  name = f"{os.path.basename(os.path.abspath(checkpoint))}@{step}"
+  return params, name + (" (EMA)" if ema else "")
+
+
+# ------------------------------------------------------------------ measurements
+def accuracy(config, model, params) -> dict:
+  """Top-1 / top-5 over the config's eval split with the trainer's evaluation step."""
+  mesh = mesh_lib.make_mesh(config.mesh)
+  sharding = mesh_lib.batch_sharding(mesh)
+  eval_step = jax.jit(trainer.make_eval_step(model))
+  return trainer.evaluate(eval_step, params, config, sharding)
+
+
+def throughput(model, params, image_shape, batch: int, runs: int = 5, warmup: int = 2) -> float:
+  """Images per second of the jit-compiled forward pass (median of `runs`)."""
+  forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
+  x = jax.random.normal(jax.random.key(0), (batch, *image_shape), jnp.float32)
+  params = jax.device_put(params)
+  for _ in range(warmup):
+    jax.block_until_ready(forward(params, x))
+  times = []
+  for _ in range(runs):
+    t = time.perf_counter()
+    jax.block_until_ready(forward(params, x))
+    times.append(time.perf_counter() - t)
+  return batch / statistics.median(times)
+
+
+def describe(model) -> tuple:
+  """(reducer name, its keep rate or "r=..." for ToMe's per-block merges)."""
+  name, options = tokens_lib.registry.split_spec(model.tokens)
+  if "r" in options:
+    return name, f"r={options['r']}"
+  return name, options.get("keep_rate")
+
+
+def evaluate_model(config, model, params, info, *, label: str, throughput_batch: int,
+                   runs: int) -> dict:
+  from vitjax.tokens import macs  # pylint: disable=import-outside-toplevel
+  scores = accuracy(config, model, params)
+  reducer, rate = describe(model)
+  return {"model": label, "tokens": reducer, "keep_rate": rate,
+          "top1": 100 * float(scores["eval/top1"]), "top5": 100 * float(scores["eval/top5"]),
+          "eval_loss": float(scores["eval/loss"]), "count": int(scores["eval/count"]),
+          "images_per_sec": throughput(model, params, info.image_shape, throughput_batch, runs),
+          "gmacs": macs.model_macs(model, channels=info.image_shape[-1]) / 1e9,
+          "params_m": models.num_params(params) / 1e6,
+          "throughput_batch": throughput_batch, "device": jax.devices()[0].device_kind}
+
+
+def with_keep_rate(config, keep_rate: Optional[float]):
+  if keep_rate is None:
+    return config
+  config = config.copy_and_resolve_references()
+  config.model.tokens.keep_rate = keep_rate
+  return config
+
+
+def build(config, info, checkpoint: str):
+  """The config's model; with model.from_checkpoint=True, the architecture stored in the file
+  (its other model fields, e.g. tokens, override the file's)."""
+  model_cfg = config.model.to_dict()
+  if not model_cfg.pop("from_checkpoint", False):
+    return trainer.build_model(config, info)
+  if not checkpoints.is_pretrained_file(checkpoint):
+    raise ValueError("model.from_checkpoint=True needs a timm/big_vision file as the checkpoint")
+  model_cfg.pop("name", None)
+  return checkpoints.build_model(checkpoint, num_classes=info.num_classes,
+                                 image_size=config.get("image_size") or info.image_shape[:2],
+                                 dtype=config.get("dtype", "float32"), **model_cfg)
+
+
+def run(config, checkpoint: Optional[str] = None, *, keep_rates: Sequence = (None,),
+        ema: bool = False, throughput_batch: Optional[int] = None, runs: int = 5,
+        output: Optional[str] = None) -> list:
+  """Evaluates `checkpoint` (or config.init_from) under `config`; one row per keep rate."""
+  from vitjax import data  # pylint: disable=import-outside-toplevel
+  checkpoint = checkpoint or config.get("init_from")
+  if not checkpoint:
+    raise ValueError("nothing to evaluate: pass --checkpoint or set config.init_from")
+  info = data.get_info(config.data)
+  rows, params = [], None
+  for kr in keep_rates or (None,):
+    cfg = with_keep_rate(config, kr)
+    model = build(cfg, info, checkpoint)
+    if params is None:  # reducers here have no parameters: one load serves every keep rate
+      params, label = load_params(cfg, model, info, checkpoint, ema=ema)
+    rows.append(evaluate_model(cfg, model, params, info, label=label,
+                               throughput_batch=throughput_batch or config.batch_size, runs=runs))
+  if output:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+      json.dump(rows, f, indent=2)
+  return rows
+
+
+FORMATS = {"top1": "{:.2f}", "top5": "{:.2f}", "images_per_sec": "{:.1f}", "gmacs": "{:.3g}",
+           "params_m": "{:.3g}"}
+
+
+def table(rows) -> str:
+  def fmt(key, v):
+    if v is None:
+      return "-"
+    return FORMATS.get(key, "{}").format(v)
+  lines = ["| " + " | ".join(h for _, h in COLUMNS) + " |",
+           "|" + "---|" * len(COLUMNS)]
+  lines += ["| " + " | ".join(fmt(k, r[k]) for k, _ in COLUMNS) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  rates = [None if r in ("", "none") else float(r) for r in f.keep_rates] or [None]
+  rows = run(f.config, f.checkpoint, keep_rates=rates, ema=f.ema,
+             throughput_batch=f.throughput_batch, runs=f.runs, output=f.output)
+  print(table(rows))
+  print(f"written to {f.output}")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=ungrouped-imports
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Config file (path[:args]).", lock_config=False)
+  flags.DEFINE_string("checkpoint", None, "A training workdir, or a timm/big_vision file.")
+  flags.DEFINE_list("keep_rates", [], "Keep rates to evaluate (one row each).")
+  flags.DEFINE_bool("ema", False, "Evaluate the EMA parameters of a training checkpoint.")
+  flags.DEFINE_integer("throughput_batch", None, "Batch for the throughput (default batch_size).")
+  flags.DEFINE_integer("runs", 5, "Timed runs for the throughput (median).")
+  flags.DEFINE_string("output", "evaluation.json", "Where the JSON rows go.")
+  flags.mark_flags_as_required(["config"])
+  app.run(main)
