@@ -243,9 +243,17 @@ class Recipe:
     if not path:
       return state
     from vitjax import checkpoints  # pylint: disable=import-outside-toplevel
-    params = checkpoints.load_into(path, self.model, state.params,
-                                   skip=tuple(self.config.get("init_skip", ()) or ()))
-    params = put_global(params, state_shardings.params)
+    from vitjax.checkpoints import common  # pylint: disable=import-outside-toplevel
+    loaded = common.flatten(checkpoints.load(
+        path, self.model, skip=tuple(self.config.get("init_skip", ()) or ())))
+    shardings = common.flatten(state_shardings.params)
+    # skipped parameters keep their (possibly not fully addressable) initial arrays
+    params = common.unflatten({
+        k: put_global(loaded[k], shardings[k]) if k in loaded else v
+        for k, v in common.flatten(state.params).items()})
+    if jax.process_index() == 0:
+      kept = sorted(set(shardings) - set(loaded))
+      print(f"initialised from {path}" + (f"; kept the initial {kept}" if kept else ""), flush=True)
     opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
     return state.replace(params=params, opt_state=opt_state)
 
