@@ -156,6 +156,8 @@ def test_mixup_cutmix_switch_determinism_and_errors():
   np.testing.assert_allclose(none["label"][np.arange(8), b["label"]], 0.91, atol=1e-6)
   with pytest.raises(ValueError, match="even"):
     augment.mixup_cutmix(batch(n=7), np.random.default_rng(0), num_classes=10)
+  with pytest.raises(ValueError, match="unknown option"):
+    recipe.check_mixup(dict(alpha=1.0))
 
 
 # ------------------------------------------------------------------ repeated augmentation

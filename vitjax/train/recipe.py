@@ -189,6 +189,20 @@ def put_global(tree, shardings):
       tree, shardings)
 
 
+MIXUP_KEYS = ("mixup_alpha", "cutmix_alpha", "switch_prob", "prob", "label_smoothing",
+              "correct_lam")
+
+
+def check_mixup(cfg):
+  """Config-time check of config.mixup (the keyword arguments of augment.mixup_cutmix)."""
+  bad = set(dict(cfg)) - set(MIXUP_KEYS)
+  if bad:
+    raise ValueError(f"config.mixup has unknown option(s) {sorted(bad)}; valid: {MIXUP_KEYS}")
+  for key in ("prob", "switch_prob"):
+    if not 0.0 <= cfg.get(key, 0.5) <= 1.0:
+      raise ValueError(f"config.mixup.{key} must be in [0, 1], got {cfg.get(key)}")
+
+
 # ------------------------------------------------------------------ the trainer's hooks
 class Recipe:
   """What the trainer asks of the recipe; every method is a no-op for a plain config."""
@@ -205,6 +219,8 @@ class Recipe:
                          "config.model.distill_token=True")
       if self.distill.get("type", "hard") not in DISTILL_TYPES:
         raise ValueError(f"distill.type must be one of {DISTILL_TYPES}")
+    if self.mixup:
+      check_mixup(self.mixup)
     self._ema_eval_step = None
 
   # data
