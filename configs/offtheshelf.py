@@ -12,8 +12,8 @@ pooling, position embedding layout; timm does not store the head count, so it fo
 as in the standard variants). The reducer is the only change: EViT and Top-K prune by the [CLS]
 attention at blocks 3, 6, 9 (keep_rate), ToMe merges r tokens per block (r) or reaches keep_rate
 at those blocks. The table printed has top-1, top-5, throughput, GMACs and parameters per keep
-rate. Only the validation split is needed (train_split points at it: nothing is trained). --keep_rates
-sweeps evit/topk, and tome when r=0.
+rate. Only the validation split is needed (train_split points at it: nothing is trained).
+--keep_rates sweeps evit/topk, and tome when r=0.
 
 Expected on ImageNet-1k val (ToMe paper, off-the-shelf, timm weights): AugReg ViT-S/16
 (vit_small_patch16_224.augreg_in21k_ft_in1k, inception_norm=True) 81.41 unreduced, 79.30 with ToMe
