@@ -49,7 +49,8 @@ def hold_save(n: int):
   finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
   async def held(self):
-    if self._final_path.name == str(n) and self._final_path.parent.name == "checkpoints":  # pylint: disable=protected-access
+    final = self._final_path  # pylint: disable=protected-access
+    if final.name == str(n) and final.parent.name == "checkpoints":
       print(f"HOLDING-SAVE {n}", flush=True)
       await asyncio.sleep(3600)
     return await finalize(self)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.train import mesh as mesh_lib
-from vitjax.train import optim, trainer
+from vitjax.train import optim, recipe, trainer
 
 GIB = 2 ** 30
 HBM_BYTES = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5litepod": 16 * GIB, "v5p": 95 * GIB,
@@ -72,6 +72,18 @@ def data_info(config, image_shape=None, num_classes=None) -> tuple:
   return Info(num_classes, tuple(image_shape)), examples
 
 
+def abstract_batch(config, info, sharding) -> dict:
+  """The global batch the step sees: mixup makes soft labels, distillation adds teacher logits."""
+  b, classes = config.batch_size, info.num_classes
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  batch = {"image": spec((b, *info.image_shape), jnp.float32),
+           "label": spec((b, classes), jnp.float32) if config.get("mixup")
+                    else spec((b,), jnp.int32)}
+  if config.get("distill"):
+    batch["teacher_logits"] = spec((b, classes), jnp.float32)
+  return batch
+
+
 def compile_train_step(config, topology: str, *, image_shape=None, num_classes=None) -> dict:
   """Compiles `config`'s train step for `topology`; returns the memory report (bytes per chip)."""
   devices = tpu_devices(topology)
@@ -81,12 +93,10 @@ def compile_train_step(config, topology: str, *, image_shape=None, num_classes=N
   model = trainer.build_model(config, info)
   steps = trainer.durations(config, examples)
   tx, _ = optim.make_optimizer(config.optimizer, steps["total"] or 1, steps["warmup"])
+  tx = recipe.wrap_optimizer(tx, config, model)  # layer-wise lr decay, EMA, as main.py does
   abstract, shardings, _ = trainer.state_spec(model, tx, config, mesh, info.image_shape)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *info.image_shape), jnp.float32,
-                                         sharding=batch_sharding),
-           "label": jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
-                                         sharding=batch_sharding)}
+  batch = abstract_batch(config, info, batch_sharding)
   step = jax.jit(trainer.make_train_step(model, tx, config),
                  in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
                  donate_argnums=(0,))
