@@ -1,0 +1,384 @@
+r"""The attention zoo on the embedded digits: every registered mechanism in the same small ViT.
+
+  python experiments/attention_zoo.py                        # all mechanisms of the registry
+  python experiments/attention_zoo.py --mechanisms=mhsa,sigmoid,performer --steps=200
+  python experiments/attention_zoo.py --smoke --out_dir=/tmp/zoo   # tiny, for the tests
+
+Model: the default digits ViT (configs/default.py: 8x8 images, 2x2 patches, 4 blocks of width 96,
+3 heads), no token reduction, so grid (Tier S) mechanisms see the full token grid. Training: the
+trainer's step function (AdamW, warm-up + cosine, label smoothing, drop-path), `--seeds` seeds
+trained at once under `jax.vmap` (one compile per mechanism); each seed has its own
+initialisation, dropout and data order. Data: the digits train split in memory with the default
+config's augmentation (zero-pad 1, random 8x8 crop, values in [-1, 1]) done in numpy per batch.
+
+Per mechanism: parameters; FLOPs per image, analytic where a formula is written below
+(`analytic_attention_macs`) and XLA's cost analysis of the compiled forward otherwise (the table
+says which; where both exist, their ratio is the cross-check); forward and train-step throughput
+relative to `mhsa`, timed after training in one run, interleaved (mhsa, a group of mechanisms,
+mhsa, ...; each against the mean of the two mhsa timings around it; median over rounds); top-1 on
+the 360 test digits (mean and standard deviation over seeds). Outputs: attention_zoo.json, .md and
+a plot (accuracy vs train-step throughput) in --out_dir.
+"""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from vitjax import attention, models  # noqa: E402
+
+# Mechanisms whose cost is MHSA's: 4 n D^2 projections + 2 n^2 D for QK^T and PV (elementwise
+# score maps, masks, rotations and gathers are not counted as MACs).
+SOFTMAX_LIKE = ("mhsa", "sigmoid", "relu", "cosine", "clipped_softmax", "cog", "causal_postcls",
+                "rope1d", "rope2d_axial", "levit_bias", "selective", "routing")
+GQA_LIKE = ("gqa", "mqa", "kdgqa", "dgqa")
+
+
+def analytic_attention_macs(name: str, options: dict, n: int, width: int, heads: int):
+  """MACs of one attention layer on n tokens, or None where no formula is written here."""
+  d = width // heads
+  proj, quad = 4 * n * width * width, 2 * n * n * width
+  if name in SOFTMAX_LIKE:  # routing: the reference path computes the full score map
+    return proj + quad
+  if name == "gated":  # + the per-head linear gate d -> 1 on every token
+    return proj + quad + n * width
+  if name in GQA_LIKE:
+    from vitjax.attention import gqa  # pylint: disable=import-outside-toplevel
+    g = options.get("num_kv_heads") or (1 if name == "mqa" else gqa.default_kv_heads(heads))
+    return 2 * n * width * width + 2 * n * width * g * d + quad
+  if name == "linear_elu":  # phi(K)^T V and phi(Q) (K^T V) per head: 2 n d^2 H
+    return proj + 2 * n * d * width
+  return None
+
+
+def model_macs(model, attn_macs: int, channels: int) -> int:
+  """Patch embedding + blocks (attention + MLP) + head, one image, no reduction."""
+  n = model.grid[0] * model.grid[1] + model.num_prefix
+  embed = model.grid[0] * model.grid[1] * model.patch_size ** 2 * channels * model.width
+  mlp = 2 * n * model.width * model.mlp_dim
+  return embed + model.depth * (attn_macs + mlp) + model.width * model.num_classes
+
+
+def xla_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan")))
+
+
+# ---------------------------------------------------------------------------- data
+def digits_config(args):
+  path = os.path.join(ROOT, "configs", "default.py")
+  spec = importlib.util.spec_from_file_location("vitjax_default_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("smoke=True" if args.smoke else None)
+  config.data.data_dir = args.data_dir
+  config.batch_size = args.batch
+  return config
+
+
+def load_split(config, split: str):
+  """All images of a split as float32 in [-1, 1] (the config's value_range) and int32 labels."""
+  from vitjax import data  # pylint: disable=import-outside-toplevel
+  src = data.data_source(config.data, split)
+  rows = [src[i] for i in range(len(src))]
+  images = np.stack([np.asarray(r["image"]) for r in rows]).astype(np.float32) / 127.5 - 1.0
+  return images, np.asarray([int(r["label"]) for r in rows], np.int32)
+
+
+class Batches:
+  """Per-seed shuffled epochs; zero-pad 1 + random crop (pp `random_crop(8, pad=1)`) in numpy."""
+
+  def __init__(self, images, labels, batch: int, seeds: int):
+    self.images, self.labels, self.batch = images, labels, batch
+    self.rngs = [np.random.default_rng(1000 + s) for s in range(seeds)]
+    self.queues = [np.zeros((0,), np.int64) for _ in range(seeds)]
+
+  def indices(self, s: int):
+    while self.queues[s].size < self.batch:
+      self.queues[s] = np.concatenate([self.queues[s],
+                                       self.rngs[s].permutation(len(self.labels))])
+    idx, self.queues[s] = self.queues[s][:self.batch], self.queues[s][self.batch:]
+    return idx
+
+  def crop(self, rng, images, pad: int = 1):
+    b, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-1.0)
+    top, left = rng.integers(0, 2 * pad + 1, b), rng.integers(0, 2 * pad + 1, b)
+    rows = (top[:, None] + np.arange(h))[:, :, None]
+    cols = (left[:, None] + np.arange(w))[:, None, :]
+    return padded[np.arange(b)[:, None, None], rows, cols]
+
+  def __next__(self):
+    imgs, labels = [], []
+    for s, rng in enumerate(self.rngs):
+      idx = self.indices(s)
+      imgs.append(self.crop(rng, self.images[idx]))
+      labels.append(self.labels[idx])
+    return {"image": np.stack(imgs), "label": np.stack(labels)}
+
+
+# ---------------------------------------------------------------------------- one mechanism
+def timed(fn, reps: int) -> float:
+  t = time.perf_counter()
+  for _ in range(reps):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t) / reps
+
+
+def run_mechanism(name: str, args, config, train, test) -> dict:
+  """Builds, trains `--seeds` copies under vmap, evaluates; keeps the compiled functions."""
+  from vitjax.train import optim, trainer  # pylint: disable=import-outside-toplevel
+  entry = attention.get(name)
+  cfg = config.copy_and_resolve_references()
+  cfg.model.attention = dict(name=name)
+  model = models.build(cfg.model, num_classes=10, image_size=test[0].shape[1:3])
+  tx, _ = optim.make_optimizer(cfg.optimizer, args.steps, args.warmup)
+
+  def init(key):
+    p_key, d_key, s_key = jax.random.split(key, 3)
+    params = model.init({"params": p_key, "dropout": d_key},
+                        jnp.zeros((1, *test[0].shape[1:])))["params"]
+    return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=tx.init(params), rng=s_key)
+
+  keys = jax.random.split(jax.random.PRNGKey(args.seed), args.seeds)
+  state = jax.jit(jax.vmap(init))(keys)
+  batches = Batches(*train, args.batch, args.seeds)
+  first = next(batches)
+  t = time.perf_counter()
+  step = jax.jit(jax.vmap(trainer.make_train_step(model, tx, cfg)),
+                 donate_argnums=(0,)).lower(state, first).compile()
+  x_test = jnp.asarray(test[0])
+  forward = jax.jit(jax.vmap(lambda p: model.apply({"params": p}, x_test)[0])).lower(
+      state.params).compile()
+  compile_s = time.perf_counter() - t
+  t = time.perf_counter()
+  batch = first
+  for _ in range(args.steps):
+    state, metrics = step(state, batch)
+    batch = next(batches)
+  loss = np.asarray(metrics["train/loss"])
+  train_s = time.perf_counter() - t
+  logits = np.asarray(forward(state.params))
+  top1 = (logits.argmax(-1) == test[1][None]).mean(-1)
+  params = jax.tree_util.tree_map(lambda a: a[0], state.params)
+  n_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
+  n = model.grid[0] * model.grid[1] + model.num_prefix
+  attn = analytic_attention_macs(name, {}, n, model.width, model.num_heads)
+  xla = xla_flops(forward) / (args.seeds * x_test.shape[0])
+  channels = test[0].shape[-1]
+  analytic = None if attn is None else 2 * model_macs(model, attn, channels)
+  row = dict(mechanism=name, tier=entry.tier, paper=entry.paper, complexity=entry.complexity,
+             params=n_params, mflops_analytic=None if analytic is None else analytic / 1e6,
+             mflops_xla=xla / 1e6, flops_source="analytic" if analytic else "xla",
+             xla_over_analytic=None if analytic is None else xla / analytic,
+             top1=[float(a) for a in top1], top1_mean=float(top1.mean()),
+             top1_std=float(top1.std(ddof=1)) if top1.size > 1 else 0.0,
+             final_loss=[float(v) for v in loss], compile_s=compile_s, train_s=train_s,
+             step_s=train_s / args.steps)
+  fns = dict(forward=lambda: forward(state.params), batch=batch, step=step, state=state,
+             images=args.seeds * x_test.shape[0], train_images=args.seeds * args.batch)
+  return row, fns
+
+
+def time_all(args, results: list, fns: dict):
+  """Forward and train-step throughput of every mechanism relative to mhsa, one interleaved run."""
+  names = [r["mechanism"] for r in results if r["mechanism"] in fns and r["mechanism"] != "mhsa"]
+  if "mhsa" not in fns:
+    return None
+  holder = {k: dict(state=v["state"]) for k, v in fns.items()}
+
+  def train_call(name):
+    f = fns[name]
+    def call():
+      holder[name]["state"], m = f["step"](holder[name]["state"], f["batch"])
+      return m["train/loss"]
+    return call
+
+  out = {}
+  for kind in ("forward", "train"):
+    call = (lambda k: fns[k]["forward"]) if kind == "forward" else train_call
+    reps = max(1, math.ceil(args.min_time / timed(call("mhsa"), 1)))
+    for name in names:
+      timed(call(name), 1)
+    base, pairs, times = [], {n: [] for n in names}, {n: [] for n in names}
+    groups = [names[i:i + args.group] for i in range(0, len(names), args.group)]
+    for _ in range(args.runs):
+      prev = timed(call("mhsa"), reps)
+      base.append(prev)
+      for group in groups:
+        measured = [(n, timed(call(n), reps)) for n in group]
+        after = timed(call("mhsa"), reps)
+        base.append(after)
+        for n, t in measured:
+          times[n].append(t)
+          pairs[n].append(0.5 * (prev + after) / t)
+        prev = after
+    key = "images" if kind == "forward" else "train_images"
+    out[kind] = dict(mhsa_img_s=fns["mhsa"][key] / statistics.median(base), reps=reps,
+                     ratio={n: statistics.median(p) for n, p in pairs.items()},
+                     ratio_range={n: (min(p), max(p)) for n, p in pairs.items()},
+                     img_s={n: fns[n][key] / statistics.median(times[n]) for n in names})
+    print(f"  timed {kind}: mhsa {out[kind]['mhsa_img_s']:.0f} img/s", flush=True)
+  for r in results:
+    n = r["mechanism"]
+    for kind in ("forward", "train"):
+      if n == "mhsa":
+        r[f"{kind}_ratio"], r[f"{kind}_img_s"] = 1.0, out[kind]["mhsa_img_s"]
+      elif n in out[kind]["ratio"]:
+        r[f"{kind}_ratio"] = out[kind]["ratio"][n]
+        r[f"{kind}_ratio_range"] = out[kind]["ratio_range"][n]
+        r[f"{kind}_img_s"] = out[kind]["img_s"][n]
+  return {k: dict(mhsa_img_s=v["mhsa_img_s"], reps=v["reps"]) for k, v in out.items()}
+
+
+# ---------------------------------------------------------------------------- outputs
+def fmt(v, spec=".2f"):
+  return "-" if v is None else format(v, spec)
+
+
+def markdown(res: dict) -> str:
+  c, m = res["config"], res["meta"]
+  lines = ["# Attention zoo on the digits", "",
+           f"Model: digits ViT ({c['model']}), {c['steps']} steps at batch {c['batch']}, "
+           f"{c['seeds']} seeds (mean +- std), lr {c['lr']}. jax {m['jax']} on {m['backend']}, "
+           f"{m['cpus']} CPUs; load average {m['loadavg_start'][0]:.1f} at the start, "
+           f"{m['loadavg_end'][0]:.1f} at the end; wall time {m['wall_s'] / 60:.1f} min.",
+           "Throughput: relative to `mhsa` in the same run (forward: the test set through "
+           f"{c['seeds']} vmapped models; train: one vmapped step of {c['seeds']} models). FLOPs per "
+           "image: analytic (2 x MACs) where a formula exists, else XLA cost analysis; "
+           "`XLA/analytic` is the cross-check.", "",
+           "| mechanism | tier | params | MFLOPs | source | XLA MFLOPs | XLA/analytic | "
+           "fwd ratio | train ratio | top-1 (%) |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in res["rows"]:
+    if "error" in r:
+      lines.append(f"| `{r['mechanism']}` | {r.get('tier', '')} | error: {r['error'][:80]} "
+                   "| | | | | | | |")
+      continue
+    flops = r["mflops_analytic"] if r["mflops_analytic"] else r["mflops_xla"]
+    lines.append(
+        f"| `{r['mechanism']}` | {r['tier']} | {r['params']:,} | {flops:.2f} | "
+        f"{r['flops_source']} | {r['mflops_xla']:.2f} | {fmt(r['xla_over_analytic'])} | "
+        f"{fmt(r.get('forward_ratio'))}x | {fmt(r.get('train_ratio'))}x | "
+        f"{r['top1_mean'] * 100:.1f} +- {r['top1_std'] * 100:.1f} |")
+  return "\n".join(lines)
+
+
+def plot(res: dict, path: str):
+  rows = [r for r in res["rows"] if "error" not in r and r.get("train_ratio")]
+  if not rows:
+    return None
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(7.5, 5))
+  for r in rows:
+    colour = "tab:red" if r["mechanism"] == "mhsa" else (
+        "tab:green" if r["tier"] == "S" else "tab:blue")
+    ax.errorbar(r["train_ratio"], r["top1_mean"] * 100, yerr=r["top1_std"] * 100, fmt="o",
+                color=colour, ms=4, capsize=2)
+    ax.annotate(r["mechanism"], (r["train_ratio"], r["top1_mean"] * 100), fontsize=6,
+                xytext=(3, 2), textcoords="offset points")
+  ax.set_xlabel("train-step throughput relative to mhsa (same run)")
+  ax.set_ylabel("test top-1 (%), mean +- std over seeds")
+  ax.set_title("Attention zoo on the digits (blue: Tier G, green: Tier S, red: mhsa)", fontsize=9)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
+  return os.path.basename(path)
+
+
+def save(args, res: dict):
+  res["plot"] = plot(res, os.path.join(args.out_dir, "attention_zoo.png"))
+  with open(os.path.join(args.out_dir, "attention_zoo.json"), "w") as f:
+    json.dump(res, f, indent=1, default=float)
+  text = markdown(res)
+  with open(os.path.join(args.out_dir, "attention_zoo.md"), "w") as f:
+    f.write(text + "\n")
+  return text
+
+
+# ---------------------------------------------------------------------------- main
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  p.add_argument("--mechanisms", default="all", help="comma-separated names, or 'all'")
+  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--warmup", type=int, default=None, help="default: steps // 10")
+  p.add_argument("--runs", type=int, default=5, help="timed rounds")
+  p.add_argument("--group", type=int, default=3, help="mechanisms timed between two mhsa timings")
+  p.add_argument("--min_time", type=float, default=0.3, help="seconds per timing at least")
+  p.add_argument("--data_dir", default=None)
+  p.add_argument("--out_dir", default=os.path.join(ROOT, "experiments", "results"))
+  p.add_argument("--cache_dir", default=os.path.join("/tmp", "vitjax_jax_cache"),
+                 help="persistent compilation cache ('' for none)")
+  p.add_argument("--smoke", action="store_true", help="tiny model and budget (tests)")
+  args = p.parse_args(argv)
+  if args.smoke:
+    args.steps, args.batch, args.seeds = min(args.steps, 3), min(args.batch, 16), 2
+    args.runs, args.min_time = min(args.runs, 2), 0.0
+  if args.warmup is None:
+    args.warmup = args.steps // 10
+  return args
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  os.makedirs(args.out_dir, exist_ok=True)
+  if args.cache_dir:
+    jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+  names = attention.names() if args.mechanisms == "all" else args.mechanisms.split(",")
+  unknown = sorted(set(names) - set(attention.names()))
+  if unknown:
+    raise ValueError(f"unknown attention(s) {unknown}; registered: {attention.names()}")
+  names = ["mhsa"] + [n for n in names if n != "mhsa"]  # the reference first
+  t0 = time.time()
+  config = digits_config(args)
+  train, test = load_split(config, "train"), load_split(config, "test")
+  res = dict(config=dict(model=f"depth {config.model.depth}, width {config.model.width}, "
+                               f"{config.model.num_heads} heads, {config.model.variant}",
+                         steps=args.steps, batch=args.batch, seeds=args.seeds,
+                         lr=config.optimizer.lr, warmup=args.warmup, mechanisms=names),
+             meta=dict(jax=jax.__version__, backend=jax.default_backend(), cpus=os.cpu_count(),
+                       loadavg_start=os.getloadavg(), loadavg_end=os.getloadavg(), wall_s=0.0),
+             rows=[])
+  fns = {}
+  for name in names:
+    try:
+      row, fns[name] = run_mechanism(name, args, config, train, test)
+    except Exception as e:  # pylint: disable=broad-except  (one broken mechanism, not the study)
+      traceback.print_exc()
+      row = dict(mechanism=name, tier=attention.get(name).tier, error=f"{type(e).__name__}: {e}")
+    res["rows"].append(row)
+    if "error" not in row:
+      print(f"  {name}: top-1 {row['top1_mean']:.4f} +- {row['top1_std']:.4f}, "
+            f"{row['params']:,} params, {row['step_s']:.2f} s/step, compile {row['compile_s']:.0f}s",
+            flush=True)
+    res["meta"].update(loadavg_end=os.getloadavg(), wall_s=time.time() - t0)
+    save(args, res)
+  print("timing (interleaved with mhsa)", flush=True)
+  res["timing"] = time_all(args, res["rows"], fns)
+  res["meta"].update(loadavg_end=os.getloadavg(), wall_s=time.time() - t0)
+  print(save(args, res), flush=True)
+  return res
+
+
+if __name__ == "__main__":
+  main()

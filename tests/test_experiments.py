@@ -1,0 +1,72 @@
+"""The two study scripts run end to end in --smoke mode and write their tables.
+
+Tiny models and budgets: two reducers / two mechanisms, a few steps, outputs in tmp_path.
+"""
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "experiments", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def table_header(md: str, first: str) -> list:
+  line = next(l for l in md.splitlines() if l.startswith(f"| {first} |"))
+  return [c.strip() for c in line.strip("|").split("|")]
+
+
+@pytest.fixture(scope="module")
+def token_results(tmp_path_factory, data_dir):
+  out = tmp_path_factory.mktemp("token_reduction")
+  load("token_reduction").main(["--smoke", "--methods=evit,tome", "--rates=0.5", "--batch=2",
+                                f"--out_dir={out}", f"--data_dir={data_dir}"])
+  return out
+
+
+def test_token_reduction_outputs(token_results):
+  with open(token_results / "token_reduction.json") as f:
+    res = json.load(f)
+  rows = res["speed"]["2"]["rows"]
+  assert {r["method"] for r in rows} == {"evit", "tome"}
+  for r in rows:
+    assert {"setting", "tokens", "gmacs", "mac_ratio", "img_s", "speed_ratio"} <= set(r)
+    assert r["mac_ratio"] > 1.0 and r["speed_ratio"] > 0
+  acc = res["accuracy"]
+  assert 0.0 <= acc["baseline"]["top1"] <= 1.0
+  by_method = {r["method"]: r for r in acc["rows"]}
+  assert set(by_method) == {"evit", "tome"}
+  for r in acc["rows"]:  # both are parameter-free: evaluated off the shelf too
+    assert r["off_the_shelf"] is not None and 0.0 <= r["finetuned"] <= 1.0
+  md = (token_results / "token_reduction.md").read_text()
+  assert table_header(md, "method")[:7] == ["method", "setting", "tokens", "GMACs", "MAC ratio",
+                                            "img/s", "speed ratio"]
+  assert "fine-tuned" in table_header(md.split("### Accuracy")[1], "method")
+  assert (token_results / "token_reduction_pareto.png").stat().st_size > 0
+  assert (token_results / "token_reduction_evit_stages.png").stat().st_size > 0
+
+
+def test_attention_zoo_outputs(tmp_path, data_dir):
+  load("attention_zoo").main(["--smoke", "--mechanisms=mhsa,sigmoid", f"--out_dir={tmp_path}",
+                              f"--data_dir={data_dir}"])
+  with open(tmp_path / "attention_zoo.json") as f:
+    res = json.load(f)
+  rows = {r["mechanism"]: r for r in res["rows"]}
+  assert set(rows) == {"mhsa", "sigmoid"}
+  for r in rows.values():
+    assert len(r["top1"]) == 2 and r["params"] > 0
+    assert r["flops_source"] == "analytic" and 0.9 < r["xla_over_analytic"] < 1.5
+    assert r["forward_ratio"] > 0 and r["train_ratio"] > 0
+  assert rows["mhsa"]["train_ratio"] == 1.0
+  md = (tmp_path / "attention_zoo.md").read_text()
+  assert table_header(md, "mechanism") == ["mechanism", "tier", "params", "MFLOPs", "source",
+                                           "XLA MFLOPs", "XLA/analytic", "fwd ratio",
+                                           "train ratio", "top-1 (%)"]
+  assert (tmp_path / "attention_zoo.png").stat().st_size > 0
