@@ -6,6 +6,7 @@ Expected: >= 97% test top-1 (360 test images) in about 2-3 minutes on a 2-core C
 Args (after a colon, comma-separated): smoke=True (a few steps, for tests), steps=N.
 """
 import ml_collections
+from ml_collections import config_dict
 
 from vitjax import config_lib
 
@@ -16,7 +17,8 @@ def get_config(arg=None):
   config.seed = 0
 
   config.data = dict(
-      name="vitjax_digits", data_dir=None, train_split="train", eval_split="test",
+      name="vitjax_digits", data_dir=config_dict.placeholder(str),
+      train_split="train", eval_split="test",
       pp_train="random_crop(8, pad=1)|value_range(-1, 1)", pp_eval="value_range(-1, 1)",
       worker_count=0)
 

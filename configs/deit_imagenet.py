@@ -10,6 +10,7 @@ repeated augmentation are part of that recipe. Without them expect a few points 
 Args: variant=S/16 (Ti/16, B/16), batch=1024, dtype=bfloat16, smoke=True (4 steps, for tests).
 """
 import ml_collections
+from ml_collections import config_dict
 
 from vitjax import config_lib
 
@@ -20,7 +21,8 @@ def get_config(arg=None):
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.data = dict(
-      name="imagenet2012", data_dir=None, train_split="train", eval_split="validation",
+      name="imagenet2012", data_dir=config_dict.placeholder(str),
+      train_split="train", eval_split="validation",
       pp_train="decode|random_resized_crop(224)|flip_lr|normalize",
       pp_eval="decode|resize_small(256)|central_crop(224)|normalize", worker_count=16)
   config.image_size = 224

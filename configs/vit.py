@@ -10,6 +10,7 @@ Expected (cifar10, Ti/4 at 32 px, 100 epochs, batch 256, 1 GPU): ~80% top-1 with
 augmentation; ViTs need strong augmentation and many epochs on small data.
 """
 import ml_collections
+from ml_collections import config_dict
 
 from vitjax import config_lib
 
@@ -39,7 +40,8 @@ def get_config(arg=None):
   ds = DATASETS[arg.dataset]
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.data = dict(name=arg.dataset, data_dir=None, train_split=ds["train_split"],
+  config.data = dict(name=arg.dataset, data_dir=config_dict.placeholder(str),
+                     train_split=ds["train_split"],
                      eval_split=ds["eval_split"], pp_train=ds["pp_train"], pp_eval=ds["pp_eval"],
                      worker_count=0)
   config.image_size = ds["image_size"]

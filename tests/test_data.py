@@ -307,6 +307,9 @@ OP_CASES = {
     "normalize": ("normalize", RGB, (20, 30, 3)),
     "grayscale_to_rgb": ("grayscale_to_rgb", RGB[..., :1], (20, 30, 3)),
     "keep_channels": ("keep_channels(1)", RGB, (20, 30, 1)),
+    "random_crop": ("random_crop(20, pad=2)", RGB, (20, 20, 3)),
+    "randaugment": ("randaugment", RGB, (20, 30, 3)),
+    "random_erasing": ("normalize|random_erasing(1.0)", RGB, (20, 30, 3)),
 }
 
 
