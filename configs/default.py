@@ -2,7 +2,8 @@ r"""The embedded default: a small ViT on scikit-learn's handwritten digits (no d
 
   python main.py --config=configs/default.py --workdir=workdirs/default
 
-Expected: >= 97% test top-1 (360 test images) in about 2-3 minutes on a 2-core CPU.
+Expected: about 97% test top-1 on the 360 held-out digits (measured: 97.2% with seed 0) after
+2000 steps of batch 128; a few minutes on a 2-core CPU (see the README for measured times).
 Args (after a colon, comma-separated): smoke=True (a few steps, for tests), steps=N.
 """
 import ml_collections
@@ -22,16 +23,17 @@ def get_config(arg=None):
       pp_train="random_crop(8, pad=1)|value_range(-1, 1)", pp_eval="value_range(-1, 1)",
       worker_count=0)
 
-  # 8x8 images, 2x2 patches: 16 patch tokens + [CLS].
+  # 8x8 images, 2x2 patches: 16 patch tokens + [CLS]. Fixed sin-cos position embeddings and
+  # average pooling generalise better than learned ones on 1437 training images.
   config.model = dict(name="vit", variant="Ti/2", width=96, depth=4, num_heads=3, mlp_dim=384,
-                      pool="cls", drop_path=0.1, dropout=0.0, attention=dict(name=arg.attention),
-                      tokens=dict(name=arg.tokens))
+                      pool="gap", posemb="sincos2d", drop_path=0.0, dropout=0.0,
+                      attention=dict(name=arg.attention), tokens=dict(name=arg.tokens))
   config.dtype = "float32"
 
   config.batch_size = 128
-  config.total_steps = arg.steps or 1500
+  config.total_steps = arg.steps or 2000
   config.label_smoothing = 0.1
-  config.optimizer = dict(name="adamw", lr=1e-3, weight_decay=0.05, b2=0.999, clip_norm=1.0,
+  config.optimizer = dict(name="adamw", lr=2e-3, weight_decay=0.05, b2=0.999, clip_norm=1.0,
                           schedule="cosine", min_lr=1e-5, grad_accum_steps=1)
   config.warmup_steps = 100
 
