@@ -4,7 +4,8 @@ r"""The embedded default: a small ViT on scikit-learn's handwritten digits (no d
 
 Expected: about 97% test top-1 on the 360 held-out digits (measured: 97.2% with seed 0) after
 2000 steps of batch 128; a few minutes on a 2-core CPU (see the README for measured times).
-Args (after a colon, comma-separated): smoke=True (a few steps, for tests), steps=N.
+Args (after a colon, comma-separated): smoke=True (a few steps, for tests), steps=N,
+attention=NAME, tokens=NAME (a token reducer at blocks 1 and 2), keep_rate=0.7.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -13,7 +14,8 @@ from vitjax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, smoke=False, steps=0, attention="mhsa", tokens="none")
+  arg = config_lib.parse_arg(arg, smoke=False, steps=0, attention="mhsa", tokens="none",
+                             keep_rate=0.7)
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -28,6 +30,8 @@ def get_config(arg=None):
   config.model = dict(name="vit", variant="Ti/2", width=96, depth=4, num_heads=3, mlp_dim=384,
                       pool="gap", posemb="sincos2d", drop_path=0.0, dropout=0.0,
                       attention=dict(name=arg.attention), tokens=dict(name=arg.tokens))
+  if arg.tokens != "none":  # reduce after blocks 1 and 2 of 4 (EViT reduces at 4, 7, 10 of 12)
+    config.model.tokens.update(keep_rate=arg.keep_rate, locations=(1, 2))
   config.dtype = "float32"
 
   config.batch_size = 128
