@@ -396,8 +396,10 @@ class ViT(nn.Module):
         block = nn.remat(block, static_argnums=())
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                         in_axes=0, length=self.depth)
+      # The carry keeps one dtype: a block returns a float32 residual stream (as the unrolled
+      # path has after its first block) even when the embedding is computed in bfloat16.
       x, _ = scanned(self.block_kwargs(specs[0]), self.context(state, False), not train,
-                     name="encoder")(x, jnp.asarray(rates, jnp.float32))
+                     name="encoder")(x.astype(jnp.float32), jnp.asarray(rates, jnp.float32))
       return x, state
     attend, feed_forward = Block.attend, Block.feed_forward
     if self.remat:  # recompute activations in the backward pass; the module is argument 0
