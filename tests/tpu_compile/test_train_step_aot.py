@@ -55,7 +55,7 @@ def test_train_step_compiles_for_v5e_2x2(reports, sharding):
   assert report["chips"] == 4 and report["fits"]
   assert report["mesh"] == ({"data": 4} if sharding == "dp" else {"data": 2, "fsdp": 2})
   assert 0 < report["total_bytes"] < report["hbm_bytes"] == 16 * 2 ** 30
-  assert report["params"] == 69_194
+  assert report["params"] == reports["dp"]["params"] > 0
 
 
 def test_fsdp_holds_less_per_chip_than_data_parallel(reports):
