@@ -237,6 +237,16 @@ def test_cosine_fixed_tau_scale_invariance_and_clamp():
         run(make("cosine", learn_tau=False, tau_init=100.0), pf, X)[0], atol=1e-5)
 
 
+def test_cosine_gradient_is_finite_at_a_zero_token():
+  # a zero-initialised [CLS] after LayerNorm is an exact zero vector: q = k = 0 with zero biases
+  m = make("cosine")
+  p = init(m)
+  p = {"params": {**p["params"], "qkv": {**p["params"]["qkv"], "bias": jnp.zeros(3 * D)}}}
+  x = X.at[:, 0].set(0.0)
+  g = jax.grad(lambda x, p: run(m, p, x)[0].sum(), argnums=(0, 1))(x, p)
+  assert all(np.isfinite(np.asarray(t)).all() for t in jax.tree.leaves(g))
+
+
 def test_cog_signs_and_softmax_case():
   m = make("cog")
   p = init(m)

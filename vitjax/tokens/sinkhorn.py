@@ -22,8 +22,9 @@ def unit_sphere(key, shape, dtype=jnp.float32):
 
 
 def normalize(x, eps=1e-12):
-  """torch.nn.functional.normalize(x, dim=-1)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  """torch.nn.functional.normalize(x, dim=-1), with a finite gradient at x = 0."""
+  sq = jnp.sum(x * x, axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def log_sinkhorn(scores, eps: float, iters: int):
