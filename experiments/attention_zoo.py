@@ -86,6 +86,8 @@ def digits_config(args):
   config = module.get_config("smoke=True" if args.smoke else None)
   config.data.data_dir = args.data_dir
   config.batch_size = args.batch
+  if args.lr is not None:
+    config.optimizer.lr = args.lr
   return config
 
 
@@ -317,11 +319,12 @@ def save(args, res: dict):
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
   p.add_argument("--mechanisms", default="all", help="comma-separated names, or 'all'")
-  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--steps", type=int, default=200)
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--seeds", type=int, default=3)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--warmup", type=int, default=None, help="default: steps // 10")
+  p.add_argument("--lr", type=float, default=None, help="default: the digits config's (1e-3)")
   p.add_argument("--runs", type=int, default=5, help="timed rounds")
   p.add_argument("--group", type=int, default=3, help="mechanisms timed between two mhsa timings")
   p.add_argument("--min_time", type=float, default=0.3, help="seconds per timing at least")
