@@ -2,6 +2,7 @@ r"""The attention zoo on the embedded digits: every registered mechanism in the 
 
   python experiments/attention_zoo.py                        # all mechanisms of the registry
   python experiments/attention_zoo.py --mechanisms=mhsa,sigmoid,performer --steps=200
+  python experiments/attention_zoo.py --mechanisms=normalized --merge   # add to the last table
   python experiments/attention_zoo.py --smoke --out_dir=/tmp/zoo   # tiny, for the tests
 
 Model: the default digits ViT (configs/default.py: 8x8 images, 2x2 patches, 4 blocks of width 96,
@@ -263,9 +264,15 @@ def markdown(res: dict) -> str:
            "Throughput: relative to `mhsa` in the same run (forward: the test set through "
            f"{c['seeds']} vmapped models; train: one vmapped step of {c['seeds']} models). FLOPs per "
            "image: analytic (2 x MACs) where a formula exists, else XLA cost analysis; "
-           "`XLA/analytic` is the cross-check.", "",
-           "| mechanism | tier | params | MFLOPs | source | XLA MFLOPs | XLA/analytic | "
-           "fwd ratio | train ratio | top-1 (%) |", "|---|---|---|---|---|---|---|---|---|---|"]
+           "`XLA/analytic` is the cross-check.", ""]
+  if "merged" in res:
+    mm = res["merged"]["meta"]
+    lines += [f"This run trained {', '.join(c['mechanisms'])}; the other rows come from an earlier "
+              f"run with the same budget (load average {mm['loadavg_start'][0]:.1f} at its start, "
+              f"wall time {mm['wall_s'] / 60:.1f} min). Each throughput ratio is against the mhsa "
+              "of its own run.", ""]
+  lines += ["| mechanism | tier | params | MFLOPs | source | XLA MFLOPs | XLA/analytic | "
+            "fwd ratio | train ratio | top-1 (%) |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in res["rows"]:
     if "error" in r:
       lines.append(f"| `{r['mechanism']}` | {r.get('tier', '')} | error: {r['error'][:80]} "
@@ -315,6 +322,29 @@ def save(args, res: dict):
   return text
 
 
+def load_earlier(args, res: dict) -> dict:
+  """The attention_zoo.json of an earlier run in --out_dir; its budget must be this run's."""
+  path = os.path.join(args.out_dir, "attention_zoo.json")
+  with open(path) as f:
+    old = json.load(f)
+  keys = ("steps", "batch", "seeds", "lr", "warmup")
+  if any(old["config"][k] != res["config"][k] for k in keys):
+    raise ValueError(f"--merge: {path} has another budget "
+                     f"{ {k: old['config'][k] for k in keys} }; this run has "
+                     f"{ {k: res['config'][k] for k in keys} }")
+  return old
+
+
+def merged(res: dict, earlier: dict) -> dict:
+  """This run's rows plus the earlier run's rows of the mechanisms not run now; each row's
+  throughput ratio stays against the mhsa of its own run."""
+  now = {r["mechanism"] for r in res["rows"]}
+  kept = [r for r in earlier["rows"] if r["mechanism"] not in now]
+  rows = sorted(res["rows"] + kept, key=lambda r: (r["mechanism"] != "mhsa", r["mechanism"]))
+  return dict(res, rows=rows, merged=dict(mechanisms=[r["mechanism"] for r in kept],
+                                          meta=earlier["meta"], timing=earlier.get("timing")))
+
+
 # ---------------------------------------------------------------------------- main
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
@@ -333,6 +363,8 @@ def parse_args(argv=None):
   p.add_argument("--cache_dir", default=os.path.join("/tmp", "vitjax_jax_cache"),
                  help="persistent compilation cache ('' for none)")
   p.add_argument("--smoke", action="store_true", help="tiny model and budget (tests)")
+  p.add_argument("--merge", action="store_true",
+                 help="keep the other mechanisms' rows of the attention_zoo.json in --out_dir")
   args = p.parse_args(argv)
   if args.smoke:
     args.steps, args.batch, args.seeds = min(args.steps, 3), min(args.batch, 16), 2
@@ -362,6 +394,7 @@ def main(argv=None) -> dict:
              meta=dict(jax=jax.__version__, backend=jax.default_backend(), cpus=os.cpu_count(),
                        loadavg_start=os.getloadavg(), loadavg_end=os.getloadavg(), wall_s=0.0),
              rows=[])
+  earlier = load_earlier(args, res) if args.merge else None
   fns = {}
   for name in names:
     try:
@@ -375,11 +408,11 @@ def main(argv=None) -> dict:
             f"{row['params']:,} params, {row['step_s']:.2f} s/step, compile {row['compile_s']:.0f}s",
             flush=True)
     res["meta"].update(loadavg_end=os.getloadavg(), wall_s=time.time() - t0)
-    save(args, res)
+    save(args, merged(res, earlier) if earlier else res)
   print("timing (interleaved with mhsa)", flush=True)
   res["timing"] = time_all(args, res["rows"], fns)
   res["meta"].update(loadavg_end=os.getloadavg(), wall_s=time.time() - t0)
-  print(save(args, res), flush=True)
+  print(save(args, merged(res, earlier) if earlier else res), flush=True)
   return res
 
 

@@ -70,3 +70,11 @@ def test_attention_zoo_outputs(tmp_path, data_dir):
                                            "XLA MFLOPs", "XLA/analytic", "fwd ratio",
                                            "train ratio", "top-1 (%)"]
   assert (tmp_path / "attention_zoo.png").stat().st_size > 0
+  # a later run of a subset keeps the other rows
+  load("attention_zoo").main(["--smoke", "--mechanisms=relu", "--merge", f"--out_dir={tmp_path}",
+                              f"--data_dir={data_dir}"])
+  with open(tmp_path / "attention_zoo.json") as f:
+    merged = json.load(f)
+  assert [r["mechanism"] for r in merged["rows"]] == ["mhsa", "relu", "sigmoid"]
+  assert merged["merged"]["mechanisms"] == ["sigmoid"]
+  assert {r["mechanism"]: r for r in merged["rows"]}["sigmoid"] == rows["sigmoid"]
