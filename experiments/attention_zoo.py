@@ -153,10 +153,11 @@ def run_mechanism(name: str, args, config, train, test) -> dict:
 
   def init(key):
     p_key, d_key, s_key = jax.random.split(key, 3)
-    params = model.init({"params": p_key, "dropout": d_key},
-                        jnp.zeros((1, *test[0].shape[1:])))["params"]
+    variables = model.init({"params": p_key, "dropout": d_key}, jnp.zeros((1, *test[0].shape[1:])))
+    params = variables["params"]
     return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                              opt_state=tx.init(params), rng=s_key)
+                              opt_state=tx.init(params), rng=s_key,
+                              batch_stats=variables.get("batch_stats", {}))
 
   keys = jax.random.split(jax.random.PRNGKey(args.seed), args.seeds)
   state = jax.jit(jax.vmap(init))(keys)
@@ -166,8 +167,8 @@ def run_mechanism(name: str, args, config, train, test) -> dict:
   step = jax.jit(jax.vmap(trainer.make_train_step(model, tx, cfg)),
                  donate_argnums=(0,)).lower(state, first).compile()
   x_test = jnp.asarray(test[0])
-  forward = jax.jit(jax.vmap(lambda p: model.apply({"params": p}, x_test)[0])).lower(
-      state.params).compile()
+  forward = jax.jit(jax.vmap(lambda p, s: model.apply(trainer.variables(p, s), x_test)[0])).lower(
+      state.params, state.batch_stats).compile()
   compile_s = time.perf_counter() - t
   t = time.perf_counter()
   batch = first
@@ -176,7 +177,7 @@ def run_mechanism(name: str, args, config, train, test) -> dict:
     batch = next(batches)
   loss = np.asarray(metrics["train/loss"])
   train_s = time.perf_counter() - t
-  logits = np.asarray(forward(state.params))
+  logits = np.asarray(forward(state.params, state.batch_stats))
   top1 = (logits.argmax(-1) == test[1][None]).mean(-1)
   params = jax.tree_util.tree_map(lambda a: a[0], state.params)
   n_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
@@ -193,8 +194,8 @@ def run_mechanism(name: str, args, config, train, test) -> dict:
              top1_std=float(top1.std(ddof=1)) if top1.size > 1 else 0.0,
              final_loss=[float(v) for v in loss], compile_s=compile_s, train_s=train_s,
              step_s=train_s / args.steps)
-  fns = dict(forward=lambda: forward(state.params), batch=batch, step=step, state=state,
-             images=args.seeds * x_test.shape[0], train_images=args.seeds * args.batch)
+  fns = dict(forward=lambda: forward(state.params, state.batch_stats), batch=batch, step=step,
+             state=state, images=args.seeds * x_test.shape[0], train_images=args.seeds * args.batch)
   return row, fns
 
 

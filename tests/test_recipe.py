@@ -322,7 +322,7 @@ def test_recipe_training_then_evaluation_mode(data_dir, tmp_path):
   out = str(tmp_path / "eval.json")
   rows = evaluate.run(config, workdir, ema=True, runs=2, output=out)
   assert rows[0]["top1"] == pytest.approx(100 * summary["eval_ema_top1"], abs=1e-3)
-  params, _ = evaluate.restore_params(config, trainer.build_model(config, info_of(config)),
+  params, _, _ = evaluate.restore_params(config, trainer.build_model(config, info_of(config)),
                                       info_of(config), workdir)
   # lr 2e-5 * 32/512 for 4 steps: the fine-tuned weights are still the pretrained ones
   np.testing.assert_allclose(params["block_2"]["mlp"]["fc1"]["kernel"],

@@ -59,3 +59,27 @@ def test_every_reducer_trains(name, batches, data_dir):
   if entry.name in ("tome", "mctf"):  # merging methods take r tokens per block
     overrides["tokens"] = dict(name=name, r=4)
   assert_learns(train_losses(overrides, batches, data_dir))
+
+
+@pytest.mark.parametrize("name", ["routing", "dgqa"])
+def test_running_statistics_live_in_the_train_state(name, batches, data_dir):
+  """Routing's k-means centroids and dgqa's key-norm EMA are updated by the train step and read
+  by evaluation (a params-only apply would fall back to their initial values)."""
+  config = default_config.get_config("smoke=True")
+  config.data.data_dir = data_dir
+  config.model.update(dict(attention=dict(name=name)))
+  mesh = mesh_lib.make_mesh((("data", -1),), jax.devices()[:1])
+  model = trainer.build_model(config, data.get_info(config.data))
+  tx, _ = optim.make_optimizer(config.optimizer, 4, 0)
+  state, _ = trainer.create_state(model, tx, config, mesh, (8, 8, 1))
+  before = state.batch_stats
+  assert jax.tree_util.tree_leaves(before)
+  step = jax.jit(trainer.make_train_step(model, tx, config))
+  state, _ = step(state, batches[0])
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), before,
+                                 state.batch_stats)
+  assert max(jax.tree_util.tree_leaves(moved)) > 0
+  eval_step = jax.jit(trainer.make_eval_step(model))
+  batch = dict(batches[0], mask=np.ones(len(batches[0]["label"]), bool))
+  with_stats = eval_step(state.params, batch, state.batch_stats)
+  assert np.isfinite(float(with_stats["loss"]))

@@ -44,7 +44,8 @@ def find_workdir(path: str) -> str:
 
 
 def restore_params(config, model, info, workdir: str, *, ema: bool = False):
-  """The parameters (or their EMA) of the latest checkpoint of a training workdir."""
+  """(parameters or their EMA, step, running statistics) of a training workdir's latest
+  checkpoint."""
   from vitjax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   steps = trainer.durations(config, info.num_examples[config.data.train_split])
   tx, _ = optim.make_optimizer(config.optimizer, steps["total"], steps["warmup"])
@@ -60,36 +61,38 @@ def restore_params(config, model, info, workdir: str, *, ema: bool = False):
   finally:
     ckpt.close()
   if not ema:
-    return state.params, step
+    return state.params, step, state.batch_stats
   params = recipe.ema_params(state.opt_state)
   if params is None:
     raise ValueError(f"--ema: the checkpoint in {workdir} has no EMA (config.ema was not set)")
-  return params, step
+  return params, step, state.batch_stats
 
 
 def load_params(config, model, info, checkpoint: str, *, ema: bool = False):
-  """(params, description of where they came from)."""
+  """(params, description of where they came from, running statistics or {})."""
   if checkpoints.is_pretrained_file(checkpoint):
     if ema:
       raise ValueError("--ema applies to our training checkpoints, not to imported files")
-    return checkpoints.load(checkpoint, model), os.path.basename(checkpoint)
-  params, step = restore_params(config, model, info, find_workdir(checkpoint), ema=ema)
+    return checkpoints.load(checkpoint, model), os.path.basename(checkpoint), {}
+  params, step, stats = restore_params(config, model, info, find_workdir(checkpoint), ema=ema)
   name = f"{os.path.basename(os.path.abspath(checkpoint))}@{step}"
-  return params, name + (" (EMA)" if ema else "")
+  return params, name + (" (EMA)" if ema else ""), stats
 
 
 # ------------------------------------------------------------------ measurements
-def accuracy(config, model, params) -> dict:
+def accuracy(config, model, params, batch_stats=None) -> dict:
   """Top-1 / top-5 over the config's eval split with the trainer's evaluation step."""
   mesh = mesh_lib.make_mesh(config.mesh)
   sharding = mesh_lib.batch_sharding(mesh)
   eval_step = jax.jit(trainer.make_eval_step(model))
-  return trainer.evaluate(eval_step, params, config, sharding)
+  return trainer.evaluate(eval_step, params, config, sharding, batch_stats)
 
 
-def throughput(model, params, image_shape, batch: int, runs: int = 5, warmup: int = 2) -> float:
+def throughput(model, params, image_shape, batch: int, runs: int = 5, warmup: int = 2,
+               batch_stats=None) -> float:
   """Images per second of the jit-compiled forward pass (median of `runs`)."""
-  forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False)[0])
+  forward = jax.jit(lambda p, x: model.apply(trainer.variables(p, batch_stats), x,
+                                             train=False)[0])
   x = jax.random.normal(jax.random.key(0), (batch, *image_shape), jnp.float32)
   params = jax.device_put(params)
   for _ in range(warmup):
@@ -111,14 +114,15 @@ def describe(model) -> tuple:
 
 
 def evaluate_model(config, model, params, info, *, label: str, throughput_batch: int,
-                   runs: int) -> dict:
+                   runs: int, batch_stats=None) -> dict:
   from vitjax.tokens import macs  # pylint: disable=import-outside-toplevel
-  scores = accuracy(config, model, params)
+  scores = accuracy(config, model, params, batch_stats)
   reducer, rate = describe(model)
   return {"model": label, "tokens": reducer, "keep_rate": rate,
           "top1": 100 * float(scores["eval/top1"]), "top5": 100 * float(scores["eval/top5"]),
           "eval_loss": float(scores["eval/loss"]), "count": int(scores["eval/count"]),
-          "images_per_sec": throughput(model, params, info.image_shape, throughput_batch, runs),
+          "images_per_sec": throughput(model, params, info.image_shape, throughput_batch, runs,
+                                       batch_stats=batch_stats),
           "gmacs": macs.model_macs(model, channels=info.image_shape[-1]) / 1e9,
           "params_m": models.num_params(params) / 1e6,
           "throughput_batch": throughput_batch, "device": jax.devices()[0].device_kind}
@@ -160,9 +164,10 @@ def run(config, checkpoint: Optional[str] = None, *, keep_rates: Sequence = (Non
     cfg = with_keep_rate(config, kr)
     model = build(cfg, info, checkpoint)
     if params is None:  # reducers here have no parameters: one load serves every keep rate
-      params, label = load_params(cfg, model, info, checkpoint, ema=ema)
+      params, label, stats = load_params(cfg, model, info, checkpoint, ema=ema)
     rows.append(evaluate_model(cfg, model, params, info, label=label,
-                               throughput_batch=throughput_batch or config.batch_size, runs=runs))
+                               throughput_batch=throughput_batch or config.batch_size, runs=runs,
+                               batch_stats=stats))
   if output:
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as f:

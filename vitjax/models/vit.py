@@ -394,8 +394,8 @@ class ViT(nn.Module):
       block = ScanBlock
       if self.remat:
         block = nn.remat(block, static_argnums=())
-      scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                        in_axes=0, length=self.depth)
+      scanned = nn.scan(block, variable_axes={"params": 0, "batch_stats": 0},
+                        split_rngs={"params": True, "dropout": True}, in_axes=0, length=self.depth)
       # The carry keeps one dtype: a block returns a float32 residual stream (as the unrolled
       # path has after its first block) even when the embedding is computed in bfloat16.
       x, _ = scanned(self.block_kwargs(specs[0]), self.context(state, False), not train,

@@ -280,7 +280,8 @@ class Recipe:
       return {}
     if self._ema_eval_step is None:
       self._ema_eval_step = jax.jit(make_eval_step(self.model))
-    out = evaluate(self._ema_eval_step, params, self.config, self.batch_sharding)
+    out = evaluate(self._ema_eval_step, params, self.config, self.batch_sharding,
+                   state.batch_stats)
     return {k.replace("eval/", "eval_ema/"): v for k, v in out.items() if k != "eval/count"}
 
 

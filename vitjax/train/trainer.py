@@ -25,6 +25,9 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array
+  # Non-trained running statistics of some mechanisms (dgqa's key-norm EMA, routing's k-means
+  # centroids): updated by every train step, read by evaluation; {} for most models.
+  batch_stats: Any = flax.struct.field(default_factory=dict)
 
 
 def say(msg: str):
@@ -54,15 +57,15 @@ def make_train_step(model, tx, config):
   skip_nonfinite = config.get("skip_nonfinite_steps", False)
   nan_at = config.get("debug_nan_at_step")  # tests: poisons the loss of this (1-based) step
 
-  def loss_fn(params, images, labels, rng, scale=1.0):
-    (logits, out), extra = model.apply({"params": params}, images, train=True,
-                                       rngs={"dropout": rng}, mutable=["losses"])
+  def loss_fn(params, batch_stats, images, labels, rng, scale=1.0):
+    (logits, out), extra = model.apply(variables(params, batch_stats), images, train=True,
+                                       rngs={"dropout": rng}, mutable=["losses", "batch_stats"])
     # labels: int [B], soft [B, C] (mixup) or with the teacher's logits (distillation)
     loss = recipe.train_loss(logits, out, labels, model.num_classes, smoothing, config)
     loss = loss.mean() * scale
     # Reducers such as DynamicViT sow their own (already weighted) losses.
     aux_loss = sum(jnp.sum(v) for v in jax.tree_util.tree_leaves(extra.get("losses", {})))
-    return loss + aux_loss, (loss, logits)
+    return loss + aux_loss, (loss, logits, extra.get("batch_stats", batch_stats))
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -71,28 +74,30 @@ def make_train_step(model, tx, config):
     images, labels = batch["image"], recipe.targets(batch)
     scale = 1.0 if nan_at is None else jnp.where(state.step + 1 == nan_at, jnp.nan, 1.0)
     if accum == 1:
-      (_, (loss, logits)), grads = grad_fn(state.params, images, labels, rng, scale)
+      (_, (loss, logits, stats)), grads = grad_fn(state.params, state.batch_stats, images, labels,
+                                                  rng, scale)
       correct = jnp.mean(jnp.argmax(logits, -1) == recipe.hard_labels(labels))
     else:
       micro = lambda x: x.reshape(accum, -1, *x.shape[1:])
       zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
 
       def body(carry, xs):
-        g_sum, l_sum, c_sum = carry
+        g_sum, l_sum, c_sum, stats = carry
         i, im, lb = xs
-        (_, (l, lg)), g = grad_fn(state.params, im, lb, jax.random.fold_in(rng, i), scale)
+        (_, (l, lg, stats)), g = grad_fn(state.params, stats, im, lb, jax.random.fold_in(rng, i),
+                                         scale)
         g_sum = jax.tree_util.tree_map(jnp.add, g_sum, g)
         hits = jnp.argmax(lg, -1) == recipe.hard_labels(lb)
-        return (g_sum, l_sum + l, c_sum + jnp.mean(hits)), None
+        return (g_sum, l_sum + l, c_sum + jnp.mean(hits), stats), None
 
-      (grads, loss, correct), _ = jax.lax.scan(
-          body, (zeros, 0.0, 0.0),
+      (grads, loss, correct, stats), _ = jax.lax.scan(
+          body, (zeros, 0.0, 0.0, state.batch_stats),
           (jnp.arange(accum), micro(images), jax.tree_util.tree_map(micro, labels)))
       grads = jax.tree_util.tree_map(lambda g: g / accum, grads)
       loss, correct = loss / accum, correct / accum
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(params=params, opt_state=opt_state)
+    new_state = state.replace(params=params, opt_state=opt_state, batch_stats=stats)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     if skip_nonfinite:  # every field but the counter keeps its old value on a bad step
@@ -106,9 +111,14 @@ def make_train_step(model, tx, config):
   return step_fn
 
 
+def variables(params, batch_stats=None) -> dict:
+  """The model's variables: params, plus running statistics where the model keeps some."""
+  return {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+
+
 def make_eval_step(model):
-  def eval_step(params, batch):
-    logits, _ = model.apply({"params": params}, batch["image"], train=False)
+  def eval_step(params, batch, batch_stats=None):
+    logits, _ = model.apply(variables(params, batch_stats), batch["image"], train=False)
     mask = batch["mask"].astype(jnp.float32)
     labels = batch["label"]
     loss = cross_entropy(logits, labels, model.num_classes)
@@ -202,9 +212,10 @@ def state_spec(model, tx, config, mesh, image_shape):
   def init(rng):
     p_rng, d_rng, s_rng = jax.random.split(rng, 3)
     dummy = jnp.zeros((1, *image_shape), jnp.float32)
-    params = model.init({"params": p_rng, "dropout": d_rng}, dummy)["params"]
+    init_vars = model.init({"params": p_rng, "dropout": d_rng}, dummy)
+    params = init_vars["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=s_rng)
+                      rng=s_rng, batch_stats=init_vars.get("batch_stats", {}))
 
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init, rng)
@@ -228,11 +239,11 @@ def global_batch(local: dict, sharding) -> dict:
           for k, v in local.items()}
 
 
-def evaluate(eval_step, params, config, batch_sharding) -> dict:
+def evaluate(eval_step, params, config, batch_sharding, batch_stats=None) -> dict:
   from vitjax import data  # pylint: disable=import-outside-toplevel
   totals = None
   for local in data.make_eval_batches(config.data, global_batch_size=config.batch_size):
-    out = eval_step(params, global_batch(local, batch_sharding))
+    out = eval_step(params, global_batch(local, batch_sharding), batch_stats or {})
     totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
   totals = jax.device_get(totals)
   n = max(float(totals["count"]), 1.0)
@@ -281,7 +292,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         say(f"keep rate {kr}: step function {len(step_fns)} of "
             f"{keep_rate_at.num_buckets} (grid {keep_rate_at.grid})")
     return step_fns[key](state, batch)
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(state_shardings.params, batch_sharding))
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(
+      state_shardings.params, batch_sharding, state_shardings.batch_stats))
 
   data_iter = iter(extras.train_loader(data))  # repeated augmentation when configured
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
@@ -326,7 +338,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
           pending, t_last = [], time.perf_counter()
         if (done % steps["eval"] == 0 or last) and not stopped_by:
           finite.check(upto=done)
-          eval_metrics = evaluate(eval_step, state.params, config, batch_sharding)
+          eval_metrics = evaluate(eval_step, state.params, config, batch_sharding, state.batch_stats)
           eval_metrics.update(extras.evaluate_ema(state, evaluate, make_eval_step))
           writer.write(done, eval_metrics)
           if jax.process_index() == 0:
@@ -347,7 +359,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       say(f"stopped by {signal.Signals(stopped_by).name} after step {done}: checkpoint saved in "
           f"{ckpt.directory}; run the same command again to resume")
     elif not eval_metrics:  # e.g. resumed after the last step: report the final model anyway
-      eval_metrics = evaluate(eval_step, state.params, config, batch_sharding)
+      eval_metrics = evaluate(eval_step, state.params, config, batch_sharding, state.batch_stats)
   finally:
     bar.close()
     ckpt.close()  # waits for an asynchronous save in flight: that state was checked
