@@ -19,7 +19,6 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vitjax import checkpoints, models
 from vitjax import tokens as tokens_lib

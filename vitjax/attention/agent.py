@@ -27,7 +27,7 @@ import numpy as np
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux)
+                                   collect_aux, weighted_values)
 from vitjax.attention.linear_elu import cls_query
 
 IMPLS = ("reference", "xla")
@@ -150,7 +150,7 @@ class AgentAttention(Attention):
     if self.materialise or "attn" in need:
       probs = jnp.einsum("bhna,bham->bhnm", pq, pa)
     if self.materialise and wq is pq and wa is pa:
-      y = jnp.einsum("bhnm,bmhd->bnhd", probs.astype(v.dtype), v)
+      y = weighted_values(probs.astype(v.dtype), v)
     else:
       va = jnp.einsum("bham,bmhd->bahd", wa.astype(v.dtype), v)
       y = jnp.einsum("bhna,bahd->bnhd", wq.astype(v.dtype), va)

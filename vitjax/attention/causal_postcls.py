@@ -27,7 +27,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import Attention, AttnContext, Capabilities, additive_key_bias, collect_aux
+from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
+                                   collect_aux, weighted_values)
 from vitjax.attention.mhsa import softmax_weights
 
 IMPLS = ("post_softmax_mult", "pre_softmax_mask")
@@ -94,6 +95,6 @@ class CausalPostCLS(Attention):
     else:
       probs = softmax_weights(q, k, bias) * mask
     w = self.dropout_weights(probs, deterministic)
-    y = jnp.einsum("bhnm,bmhd->bnhd", w.astype(v.dtype), v)
+    y = weighted_values(w.astype(v.dtype), v)
     aux = collect_aux(need, probs=probs, q=q, k=k, v=v, ctx=ctx)
     return self.project_out(y, x.shape[-1], deterministic), aux

@@ -19,12 +19,11 @@ A masked key (s_j = 0) gets weight 0.
 from typing import Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux)
+                                   collect_aux, weighted_values)
 from vitjax.attention.mhsa import softmax_weights
 
 IMPLS = ("reference", "xla")  # both run the einsum path
@@ -66,6 +65,6 @@ class ClippedSoftmaxAttention(Attention):
     w = clipped_weights(softmax_weights(q, k, bias), self.stretch_low(bias, x.shape[1]),
                         self.zeta, sizes)
     wd = self.dropout_weights(w, deterministic)
-    y = jnp.einsum("bhnm,bmhd->bnhd", wd.astype(v.dtype), v)
+    y = weighted_values(wd.astype(v.dtype), v)
     aux = collect_aux(need, probs=w, q=q, k=k, v=v, ctx=ctx)
     return self.project_out(y, x.shape[-1], deterministic), aux

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux)
+                                   collect_aux, weighted_values)
 from vitjax.attention.mhsa import IMPLS, cls_softmax_row, fused_softmax, softmax_weights
 
 
@@ -62,7 +62,7 @@ class CosineAttention(Attention):
     if materialise:
       probs = softmax_weights(q, k, bias)
       w = self.dropout_weights(probs, deterministic)
-      y = jnp.einsum("bhnm,bmhd->bnhd", w.astype(v.dtype), v)
+      y = weighted_values(w.astype(v.dtype), v)
     else:
       y = fused_softmax(q, k, v, bias, self.impl)
     cls_index = 0 if ctx is None else ctx.cls_index

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import Attention, AttnContext, Capabilities
+from vitjax.attention.base import Attention, AttnContext, Capabilities, weighted_values
 from vitjax.attention.mhsa import softmax_weights
 
 
@@ -101,5 +101,5 @@ class GaussianAdaptive(Attention):
     x = x + gaam(x).astype(x.dtype)
     q, k, v = self.project_qkv(x)
     w = self.dropout_weights(softmax_weights(q, k), deterministic)
-    y = jnp.einsum("bhnm,bmhd->bnhd", w.astype(v.dtype), v)
+    y = weighted_values(w.astype(v.dtype), v)
     return self.project_out(y, x.shape[-1], deterministic), {}

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux)
+                                   collect_aux, weighted_values)
 from vitjax.attention.mhsa import IMPLS, cls_softmax_row, fused_softmax, softmax_weights
 
 GATE_TYPES = ("linear", "mlp")
@@ -79,7 +79,7 @@ class GatedAttention(Attention):
     if materialise:
       probs = softmax_weights(q, k, bias)
       w = self.dropout_weights(probs, deterministic)
-      y = jnp.einsum("bhnm,bmhd->bnhd", w.astype(v.dtype), v)
+      y = weighted_values(w.astype(v.dtype), v)
     else:
       y = fused_softmax(q, k, v, bias, self.impl)
     xh = x.reshape(*x.shape[:2], self.num_heads, -1)

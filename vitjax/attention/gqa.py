@@ -25,7 +25,7 @@ import numpy as np
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux)
+                                   collect_aux, weighted_values)
 from vitjax.attention.mhsa import IMPLS, cls_softmax_row, fused_softmax, softmax_weights
 
 PAPER = "Key-Driven Grouped Query Attention (Khan et al. 2024); GQA (Ainslie et al. 2023)"
@@ -123,7 +123,7 @@ class GroupedQueryAttention(Attention):
     if materialise:
       probs = softmax_weights(q, k_rep, bias)
       w = self.dropout_weights(probs, deterministic)
-      y = jnp.einsum("bhnm,bmhd->bnhd", w.astype(v.dtype), v_rep)
+      y = weighted_values(w.astype(v.dtype), v_rep)
     else:  # repeated K/V: at ViT lengths there is no K/V cache to save (spec pitfall)
       y = fused_softmax(q, k_rep, v_rep, bias, self.impl)
     cls_index = 0 if ctx is None else ctx.cls_index

@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import Attention, AttnContext, Capabilities, additive_key_bias, collect_aux
+from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
+                                   collect_aux, weighted_values)
 
 
 def latent_weights(qt, kt, bias=None):
@@ -61,7 +62,7 @@ class Latte(Attention):
     a, p = latent_weights(qt, kt, bias)
     if self.attn_drop > 0 and not deterministic:  # dropout acts on the effective weights
       probs = self.dropout_weights(jnp.einsum("bhnl,bhlm->bhnm", a, p), deterministic)
-      y = jnp.einsum("bhnm,bmhd->bnhd", probs.astype(v.dtype), v)
+      y = weighted_values(probs.astype(v.dtype), v)
     else:
       state = jnp.einsum("bhlm,bmhd->bhld", p, v.astype(jnp.float32))
       y = jnp.einsum("bhnl,bhld->bnhd", a, state).astype(v.dtype)

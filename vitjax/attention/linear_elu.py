@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux)
+                                   collect_aux, weighted_values)
 
 IMPLS = ("reference", "xla")  # plain einsum either way (no kernel is needed for linear attention)
 
@@ -74,7 +74,7 @@ def kernel_attend(module: Attention, fq, fk, v, kw, *, eps: float, need, determi
   if dense:
     probs = kernel_weights(fq, fk, kw, eps)
     w = module.dropout_weights(probs, deterministic)
-    y = jnp.einsum("bhnm,bmhd->bnhd", w, v.astype(jnp.float32))
+    y = weighted_values(w, v.astype(jnp.float32))
   else:
     y = kernel_attention(fq, fk, v, kw, eps)
   cls_index = cls_query(ctx)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux)
+                                   collect_aux, weighted_values)
 
 IMPLS = ("reference", "xla", "cudnn", "pallas")
 
@@ -65,7 +65,7 @@ class MHSA(Attention):
     if materialise:
       probs = softmax_weights(q, k, bias)
       w = self.dropout_weights(probs, deterministic)
-      y = jnp.einsum("bhnm,bmhd->bnhd", w.astype(v.dtype), v)
+      y = weighted_values(w.astype(v.dtype), v)
     else:
       y = fused_softmax(q, k, v, bias, self.impl)
     cls_index = 0 if ctx is None else ctx.cls_index

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux)
+                                   collect_aux, weighted_values)
 from vitjax.attention.mhsa import softmax_weights
 
 
@@ -107,7 +107,7 @@ class MoH(Attention):
     bias = additive_key_bias(ctx, x.shape[1])
     probs = softmax_weights(q, k, bias)
     w = self.dropout_weights(probs, deterministic)
-    heads = jnp.einsum("bhnm,bmhd->bnhd", w.astype(v.dtype), v)
+    heads = weighted_values(w.astype(v.dtype), v)
     g = self.gates(x, ctx, deterministic)
     y = heads * g[..., None].astype(heads.dtype)
     aux = collect_aux(need, probs=probs, q=q, k=k, v=v, ctx=ctx)

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import Attention, AttnContext, Capabilities, additive_key_bias, collect_aux
+from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
+                                   collect_aux, weighted_values)
 
 ACTIVATIONS = {"relu": jax.nn.relu, "identity": lambda t: t}
 
@@ -64,6 +65,6 @@ class Neural(Attention):
       logits = logits + bias
     probs = jax.nn.softmax(logits, axis=-1)
     w = self.dropout_weights(probs, deterministic)
-    y = jnp.einsum("bhnm,bmhd->bnhd", w.astype(v.dtype), v)
+    y = weighted_values(w.astype(v.dtype), v)
     aux = collect_aux(need, probs=probs, q=q, k=k, v=v, ctx=ctx)
     return self.project_out(y, x.shape[-1], deterministic), aux

@@ -40,12 +40,11 @@ the gradient of the official formula NaN there.
 from typing import Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux)
+                                   collect_aux, weighted_values)
 
 IMPLS = ("reference", "xla")  # both run the einsum path
 
@@ -98,7 +97,7 @@ class NormalizedAttention(Attention):
     logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32)
     w = normalized_weights(logits, gain, shift, bias, self.eps)
     wd = self.dropout_weights(w, deterministic)
-    y = jnp.einsum("bhnm,bmhd->bnhd", wd.astype(v.dtype), v)
+    y = weighted_values(wd.astype(v.dtype), v)
     y = y.reshape(*y.shape[:2], -1)
     if self.hidden_norm:
       y = nn.LayerNorm(epsilon=1e-3, dtype=self.dtype, name="hidden_norm")(y)

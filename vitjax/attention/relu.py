@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux)
+                                   collect_aux, weighted_values)
 
 IMPLS = ("reference", "xla")  # both run the einsum path
 
@@ -49,6 +49,6 @@ class ReLUAttention(Attention):
     logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32) * scale
     w = relu_weights(logits, bias)
     wd = self.dropout_weights(w, deterministic)
-    y = jnp.einsum("bhnm,bmhd->bnhd", wd.astype(v.dtype), v)
+    y = weighted_values(wd.astype(v.dtype), v)
     aux = collect_aux(need, probs=w, q=q, k=k, v=v, ctx=ctx)
     return self.project_out(y, x.shape[-1], deterministic), aux

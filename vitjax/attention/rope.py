@@ -20,7 +20,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import Attention, AttnContext, Capabilities, additive_key_bias, collect_aux
+from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
+                                   collect_aux, weighted_values)
 from vitjax.attention.levit_bias import table_grid
 from vitjax.attention.mhsa import IMPLS, cls_softmax_row, fused_softmax, softmax_weights
 
@@ -75,7 +76,7 @@ class RoPEAttention(Attention):
     if materialise:
       probs = softmax_weights(qr, kr, bias)
       w = self.dropout_weights(probs, deterministic)
-      y = jnp.einsum("bhnm,bmhd->bnhd", w.astype(v.dtype), v)
+      y = weighted_values(w.astype(v.dtype), v)
     else:
       y = fused_softmax(qr, kr, v, bias, self.impl)
     cls_index = ctx.cls_index

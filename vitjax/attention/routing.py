@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux)
+                                   collect_aux, weighted_values)
 from vitjax.attention.mhsa import softmax_weights
 
 
@@ -84,6 +84,6 @@ class Routing(Attention):
     bias = additive_key_bias(ctx, n)
     probs = softmax_weights(q, k, route if bias is None else route + bias)
     w = self.dropout_weights(probs, deterministic)
-    y = jnp.einsum("bhnm,bmhd->bnhd", w.astype(v.dtype), v)
+    y = weighted_values(w.astype(v.dtype), v)
     aux = collect_aux(need, probs=probs, q=q, k=k, v=v, ctx=ctx)
     return self.project_out(y, x.shape[-1], deterministic), aux

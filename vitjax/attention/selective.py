@@ -14,7 +14,6 @@ count; n counts tokens by size (sum_j s_j over valid keys) so merged tokens keep
 `temperature` is the global test-time temperature of the robustness study the spec pairs with SSA
 (Gu et al. 2022, [002]); 1 leaves the logits unchanged.
 """
-import math
 from typing import Optional
 
 import flax.linen as nn
@@ -22,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import Attention, AttnContext, Capabilities, additive_key_bias, collect_aux
+from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
+                                   collect_aux, weighted_values)
 from vitjax.attention.mhsa import softmax_weights
 
 
@@ -65,6 +65,6 @@ class Selective(Attention):
     v = (v.astype(jnp.float32) * tau_v).astype(v.dtype)
     probs = softmax_weights(q, k, additive_key_bias(ctx, x.shape[1]))
     w = self.dropout_weights(probs, deterministic)
-    y = jnp.einsum("bhnm,bmhd->bnhd", w.astype(v.dtype), v)
+    y = weighted_values(w.astype(v.dtype), v)
     aux = collect_aux(need, probs=probs, q=q, k=k, v=v, ctx=ctx)
     return self.project_out(y, x.shape[-1], deterministic), aux

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux)
+                                   collect_aux, weighted_values)
 
 IMPLS = ("reference", "xla", "pallas")  # reference/xla: the einsum path; pallas: FlashSigmoid
 
@@ -70,7 +70,7 @@ class SigmoidAttention(Attention):
     else:
       w = sigmoid_weights(scaled_logits(q, k, self.attn_temp), bias, self.attn_bias)
       wd = self.dropout_weights(w, deterministic)
-      y = jnp.einsum("bhnm,bmhd->bnhd", wd.astype(v.dtype), v)
+      y = weighted_values(wd.astype(v.dtype), v)
     cls = 0 if ctx is None else ctx.cls_index
     aux = collect_aux(need, probs=w, q=q, k=k, v=v, ctx=ctx,
                       row_fn=lambda: self.cls_row(q, k, bias, cls))

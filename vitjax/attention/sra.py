@@ -27,7 +27,7 @@ import numpy as np
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux)
+                                   collect_aux, weighted_values)
 from vitjax.attention.mhsa import softmax_weights
 
 
@@ -70,7 +70,7 @@ class SpatialReduction(Attention):
       key_bias = jnp.pad(bias[..., :npre], ((0, 0), (0, 0), (0, 0), (0, reduced.shape[1])))
     probs = softmax_weights(q, k, key_bias)
     w = self.dropout_weights(probs, deterministic)
-    y = jnp.einsum("bhnm,bmhd->bnhd", w.astype(v.dtype), v)
+    y = weighted_values(w.astype(v.dtype), v)
     aux = {}
     if need:
       k_full = k_norm(jnp.split(kv_dense(x), 2, axis=-1)[0].reshape(b, n, h, d))

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.tokens import registry
-from vitjax.tokens.base import Reducer, TokenState, take_state, take_tokens
+from vitjax.tokens.base import Reducer, take_state, take_tokens
 from vitjax.tokens.evit import (DEFAULT_LOCATIONS, SCORE_NORMS, check_locations, check_options,
                                 normalize_row)
 from vitjax.tokens.topk import topk_counts
