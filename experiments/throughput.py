@@ -117,12 +117,13 @@ def main():
   p.add_argument("--out", default="throughput.json")
   args = p.parse_args()
 
-  ours, theirs = [], []
+  ours, theirs, load_start = [], [], os.getloadavg()
   for _ in range(args.rounds):  # alternate so that machine noise hits both alike
     ours.append(vitjax_throughput(args))
     if args.timm_python:
       theirs.append(timm_throughput(args))
   result = {"config": vars(args), "backend": jax.default_backend(), "jax": jax.__version__,
+            "cpus": os.cpu_count(), "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
             "vitjax_infer_img_s": statistics.median(r["infer_img_s"] for r in ours)}
   rows = [f"| vitjax {args.variant} ({args.impl}) | {args.batch} | {args.dtype} | "
           f"{result['vitjax_infer_img_s']:.1f} |"]
