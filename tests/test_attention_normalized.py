@@ -2,7 +2,8 @@
 
 Forward and gradients (input and every parameter) in fp32, the row property (mean b, std g), the
 per-query shift invariance that pins the normalisation to the key axis, R2 (a token of size s acts
-like s copies), key masks equal deletion, R3, aux, jit, bf16, a zero query, and a tiny ViT.
+like s copies), key masks equal deletion, R3, aux, jit, bf16, a zero query, a tiny ViT, and
+gradients against float64 at a zero token and in a GAP ViT on near-identical tokens.
 """
 import math
 
@@ -264,3 +265,71 @@ def test_inside_tiny_vit():
   value, grads = jax.value_and_grad(loss)(params)
   assert np.isfinite(float(value))
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+# ----- a zero token: the fixed point, and gradients against float64 -----
+def naive_forward_f64(p, x):
+  """The naive formula in float64, with the std as sqrt(var + 1e-300): its derivative at a
+  constant row is the exact one (the sigma term is multiplied by S - mu = 0 there)."""
+  def weights(p_, q, k):
+    s = jnp.einsum("bnhd,bmhd->bhnm", q, k)
+    c = s - s.mean(axis=-1, keepdims=True)
+    z = c / (jnp.sqrt(jnp.square(c).mean(axis=-1, keepdims=True) + 1e-300) + EPS)
+    return p_["gain"][:, None, None] * z + p_["shift"][:, None, None]
+  pp = p["params"]
+  q, k, v = naive_qkv(pp, x)
+  o = jnp.einsum("bhnm,bmhd->bnhd", weights(pp, q, k), v).reshape(x.shape)
+  o = naive_gelu(naive_layernorm(o, pp["hidden_norm"]["scale"], pp["hidden_norm"]["bias"]))
+  return o @ pp["proj"]["kernel"] + pp["proj"]["bias"]
+
+
+def test_zero_token_stays_zero_and_its_steep_gradient_is_exact():
+  """At the official initialisation (shift 0, zero biases) a zero token has q = 0, a constant row,
+  weights b = 0, and leaves the layer exactly zero: a zero-initialised [CLS] without a position
+  embedding stays zero through every block. There the layer is as steep as the official formula
+  is (slope 1/eps of the row, 1/sqrt(1e-3) of the hidden LayerNorm): the float32 gradient is
+  large, finite, and equals the float64 one, i.e. it is the true derivative, not rounding."""
+  m = make()
+  p = m.init(jax.random.key(1), X)["params"]
+  p = {"params": {**p, "gain": 1.0 + 0.5 * jax.random.normal(jax.random.key(11), (H,))}}
+  x = X.at[:, 0].set(0.0)
+  y = run(m, p, x)[0]
+  assert np.all(np.asarray(y[:, 0]) == 0.0)
+  r = jax.random.normal(jax.random.key(7), x.shape)
+  g32 = jax.jit(jax.grad(lambda x_: (run(m, p, x_)[0] * r).sum()))(x)
+  with jax.enable_x64(True):
+    p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), p)
+    g64 = jax.jit(jax.grad(lambda x_: (naive_forward_f64(p64, x_) * r).sum()))(
+        jnp.asarray(x, jnp.float64))
+    g64 = np.asarray(g64)
+  close(g32, g64, atol=1e-3, rtol=1e-4)
+  zero_row, others = np.abs(g64[:, 0]).max(), np.abs(g64[:, 1:]).max()
+  assert zero_row > 100 * others  # the steep point: why a model must not park a token there
+
+
+def test_tiny_gap_vit_on_near_identical_tokens_matches_float64():
+  """The default digits layout without [CLS] (GAP, sin-cos position embeddings) on an image of
+  near-constant background: moderate, finite gradients that equal the float64 ones."""
+  model = models.build(dict(variant="Ti/2", width=32, num_heads=2, mlp_dim=64, depth=2, pool="gap",
+                            class_token=False, posemb="sincos2d",
+                            attention=dict(name="normalized")),
+                       num_classes=10, image_size=8)
+  images = -1.0 + 1e-3 * jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+  images = images.at[:, 2:4, 2:6].set(0.5)
+  params = model.init(jax.random.key(1), images)["params"]
+  kernel = params["head"]["kernel"]  # random head: the gradient reaches the blocks
+  params["head"]["kernel"] = 0.01 * jax.random.normal(jax.random.key(2), kernel.shape)
+
+  def loss(m):
+    return lambda p, x: jnp.mean(jax.nn.log_softmax(m.apply({"params": p}, x)[0])[:, 3])
+
+  g32 = jax.jit(jax.grad(loss(model)))(params, images)
+  with jax.enable_x64(True):
+    p64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), params)
+    g64 = jax.jit(jax.grad(loss(model.clone(dtype=jnp.float64))))(
+        p64, jnp.asarray(images, jnp.float64))
+    g64 = jax.tree.map(np.asarray, g64)
+  for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g64)):
+    a = np.asarray(a)
+    assert np.isfinite(a).all() and np.abs(a).max() < 10.0
+    close(a, b, atol=1e-6 + 1e-4 * np.abs(b).max(), rtol=1e-4)

@@ -36,6 +36,14 @@ Deviation: sigma uses a square root with a zero gradient at a zero variance. A c
 row (an all-zero query, e.g. a zero-initialised [CLS] after LayerNorm) has sigma = 0; the forward
 pass is the official one (eps keeps it finite), but d sqrt(v)/dv is infinite at v = 0 and makes
 the gradient of the official formula NaN there.
+
+A zero token is a fixed point of the official block at initialisation (shift 0, zero biases): its
+query is 0, its row constant, its weights b = 0, its output exactly 0. A zero-initialised [CLS]
+that gets no position embedding (posemb="sincos2d") therefore stays exactly zero through every
+block, at the steepest point of each LayerNorm it meets (slope 1/sqrt(eps)) and of its own row
+(slope 1/eps); the true gradient grows ~1e10 per block (float64 agrees). Softmax moves such a
+token off zero (it averages the values); NAP does not. Models with NAP should not carry a token
+that starts at exactly zero (e.g. class_token=False with pool="gap").
 """
 from typing import Optional
 
