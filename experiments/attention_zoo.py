@@ -326,6 +326,8 @@ def save(args, res: dict):
 def load_earlier(args, res: dict) -> dict:
   """The attention_zoo.json of an earlier run in --out_dir; its budget must be this run's."""
   path = os.path.join(args.out_dir, "attention_zoo.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--merge: no earlier {path} to add this run to")
   with open(path) as f:
     old = json.load(f)
   keys = ("steps", "batch", "seeds", "lr", "warmup")
@@ -336,9 +338,11 @@ def load_earlier(args, res: dict) -> dict:
   return old
 
 
-def merged(res: dict, earlier: dict) -> dict:
-  """This run's rows plus the earlier run's rows of the mechanisms not run now; each row's
-  throughput ratio stays against the mhsa of its own run."""
+def merged(res: dict, earlier) -> dict:
+  """This run's rows plus the earlier run's rows of the mechanisms not run now (if any); each
+  row's throughput ratio stays against the mhsa of its own run."""
+  if earlier is None:
+    return res
   now = {r["mechanism"] for r in res["rows"]}
   kept = [r for r in earlier["rows"] if r["mechanism"] not in now]
   rows = sorted(res["rows"] + kept, key=lambda r: (r["mechanism"] != "mhsa", r["mechanism"]))
@@ -409,11 +413,11 @@ def main(argv=None) -> dict:
             f"{row['params']:,} params, {row['step_s']:.2f} s/step, compile {row['compile_s']:.0f}s",
             flush=True)
     res["meta"].update(loadavg_end=os.getloadavg(), wall_s=time.time() - t0)
-    save(args, merged(res, earlier) if earlier else res)
+    save(args, merged(res, earlier))
   print("timing (interleaved with mhsa)", flush=True)
   res["timing"] = time_all(args, res["rows"], fns)
   res["meta"].update(loadavg_end=os.getloadavg(), wall_s=time.time() - t0)
-  print(save(args, merged(res, earlier) if earlier else res), flush=True)
+  print(save(args, merged(res, earlier)), flush=True)
   return res
 
 

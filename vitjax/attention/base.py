@@ -152,6 +152,14 @@ class Attention(nn.Module):
     return nn.Dropout(self.attn_drop)(w, deterministic=deterministic)
 
 
+def l2_normalize(x, eps: float):
+  """x / max(|x|, eps) over the last axis, computed in float32 and returned in x's dtype; the
+  gradient stays finite at x = 0 (a zero-initialised [CLS] gives exact zero queries)."""
+  x32 = x.astype(jnp.float32)
+  sq = jnp.sum(x32 * x32, axis=-1, keepdims=True)
+  return (x32 * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))).astype(x.dtype)
+
+
 def weighted_values(w, v):
   """sum_m w[b,h,n,m] v[b,m,h,d] -> [B,N,H,d].
 

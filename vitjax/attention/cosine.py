@@ -11,20 +11,12 @@ import math
 from typing import Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, weighted_values)
+                                   collect_aux, l2_normalize, weighted_values)
 from vitjax.attention.mhsa import IMPLS, cls_softmax_row, fused_softmax, softmax_weights
-
-
-def l2_normalize(x, eps: float):
-  """x / max(|x|, eps), with a finite gradient at x = 0 (a zero-initialised [CLS] gives q = 0)."""
-  x32 = x.astype(jnp.float32)
-  sq = jnp.sum(x32 * x32, axis=-1, keepdims=True)
-  return (x32 * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))).astype(x.dtype)
 
 
 @registry.register(

@@ -23,13 +23,12 @@ import jax.numpy as jnp
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, weighted_values)
+                                   collect_aux, l2_normalize, weighted_values)
 from vitjax.attention.mhsa import softmax_weights
 
 
 def normalise(t, eps: float = 1e-6):
-  t = t.astype(jnp.float32)
-  return t / jnp.maximum(jnp.linalg.norm(t, axis=-1, keepdims=True), eps)
+  return l2_normalize(t.astype(jnp.float32), eps)
 
 
 def nearest(t, centroids):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from vitjax.attention.base import l2_normalize
 from vitjax.tokens import registry
 from vitjax.tokens.base import Reducer, cumulative_schedule, merge_state
 
@@ -22,9 +23,8 @@ def unit_sphere(key, shape, dtype=jnp.float32):
 
 
 def normalize(x, eps=1e-12):
-  """torch.nn.functional.normalize(x, dim=-1), with a finite gradient at x = 0."""
-  sq = jnp.sum(x * x, axis=-1, keepdims=True)
-  return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
+  """torch.nn.functional.normalize(x, dim=-1)."""
+  return l2_normalize(x, eps)
 
 
 def log_sinkhorn(scores, eps: float, iters: int):
