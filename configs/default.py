@@ -2,10 +2,10 @@ r"""The embedded default: a small ViT on scikit-learn's handwritten digits (no d
 
   python main.py --config=configs/default.py --workdir=workdirs/default
 
-Expected: about 97% test top-1 on the 360 held-out digits (measured: 97.2% with seed 0) after
-2000 steps of batch 128; a few minutes on a 2-core CPU (see the README for measured times).
+Expected: about 98% test top-1 on the 360 held-out digits after 2000 steps of batch 128 (measured:
+97.8 / 97.8 / 98.1% with seeds 0 / 1 / 2), in about 4 minutes on a 2-core CPU.
 Args (after a colon, comma-separated): smoke=True (a few steps, for tests), steps=N,
-attention=NAME, tokens=NAME (a token reducer at blocks 1 and 2), keep_rate=0.7.
+attention=NAME, tokens=NAME (a token reducer at blocks 1 and 2, with a [CLS] token), keep_rate=0.7.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -22,16 +22,18 @@ def get_config(arg=None):
   config.data = dict(
       name="vitjax_digits", data_dir=config_dict.placeholder(str),
       train_split="train", eval_split="test",
-      pp_train="random_crop(8, pad=1)|value_range(-1, 1)", pp_eval="value_range(-1, 1)",
+      pp_train="random_crop(8, pad=2)|value_range(-1, 1)", pp_eval="value_range(-1, 1)",
       worker_count=0)
 
-  # 8x8 images, 2x2 patches: 16 patch tokens + [CLS]. Fixed sin-cos position embeddings and
-  # average pooling generalise better than learned ones on 1437 training images.
+  # 8x8 images, 2x2 patches: 16 patch tokens. Fixed sin-cos position embeddings and average
+  # pooling generalise better than learned ones on 1437 training images; without a [CLS] token
+  # (unused by average pooling) a run is 11% faster and no less accurate.
   config.model = dict(name="vit", variant="Ti/2", width=96, depth=4, num_heads=3, mlp_dim=384,
-                      pool="gap", posemb="sincos2d", drop_path=0.0, dropout=0.0,
-                      attention=dict(name=arg.attention), tokens=dict(name=arg.tokens))
+                      pool="gap", posemb="sincos2d", class_token=False, drop_path=0.0,
+                      dropout=0.0, attention=dict(name=arg.attention), tokens=dict(name=arg.tokens))
   if arg.tokens != "none":  # reduce after blocks 1 and 2 of 4 (EViT reduces at 4, 7, 10 of 12)
     config.model.tokens.update(keep_rate=arg.keep_rate, locations=(1, 2))
+    config.model.class_token = True  # EViT, Top-K, ATS, ... rank patches by the [CLS] row
   config.dtype = "float32"
 
   config.batch_size = 128

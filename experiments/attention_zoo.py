@@ -6,11 +6,12 @@ r"""The attention zoo on the embedded digits: every registered mechanism in the 
   python experiments/attention_zoo.py --smoke --out_dir=/tmp/zoo   # tiny, for the tests
 
 Model: the default digits ViT (configs/default.py: 8x8 images, 2x2 patches, 4 blocks of width 96,
-3 heads), no token reduction, so grid (Tier S) mechanisms see the full token grid. Training: the
-trainer's step function (AdamW, warm-up + cosine, label smoothing, drop-path), `--seeds` seeds
-trained at once under `jax.vmap` (one compile per mechanism); each seed has its own
-initialisation, dropout and data order. Data: the digits train split in memory with the default
-config's augmentation (zero-pad 1, random 8x8 crop, values in [-1, 1]) done in numpy per batch.
+3 heads; with a [CLS] token, as the recorded results), no token reduction, so grid (Tier S)
+mechanisms see the full token grid. Training: the trainer's step function (AdamW, warm-up +
+cosine, label smoothing, drop-path), `--seeds` seeds trained at once under `jax.vmap` (one compile
+per mechanism); each seed has its own initialisation, dropout and data order. Data: the digits
+train split in memory, augmented in numpy per batch as the recorded results were (zero-pad 1,
+random 8x8 crop, values in [-1, 1]; the default config now pads 2).
 
 Per mechanism: parameters; FLOPs per image, analytic where a formula is written below
 (`analytic_attention_macs`) and XLA's cost analysis of the compiled forward otherwise (the table
@@ -86,6 +87,7 @@ def digits_config(args):
   spec.loader.exec_module(module)
   config = module.get_config("smoke=True" if args.smoke else None)
   config.data.data_dir = args.data_dir
+  config.model.class_token = True  # the model of the recorded results (cls_probs for reducers)
   config.batch_size = args.batch
   if args.lr is not None:
     config.optimizer.lr = args.lr

@@ -55,7 +55,8 @@ def test_every_reducer_trains(name, batches, data_dir):
   opts = {} if name == "none" else dict(keep_rate=0.5, locations=(1,))
   entry = tokens.get(name)
   attn = "mhsa"
-  overrides = dict(depth=3, tokens=dict(name=name, **opts), attention=dict(name=attn))
+  overrides = dict(depth=3, tokens=dict(name=name, **opts), attention=dict(name=attn),
+                   class_token=entry.needs_cls)
   if entry.name in ("tome", "mctf"):  # merging methods take r tokens per block
     overrides["tokens"] = dict(name=name, r=4)
   assert_learns(train_losses(overrides, batches, data_dir))

@@ -4,7 +4,7 @@ Build the model with `track_source=True`: every reducer's output state is then i
 out["token_state_{block}"] and its `source` [B, N, N0] says which input tokens each token holds.
 Per patch and stage: kept (a token of its own), merged (shares a token with other patches),
 fused (in the EViT fused token, `fused_index`, usually -1) or pruned (in no token). Pruned patches
-are greyed out, fused ones tinted, merged ones outlined by a colour per merged token.
+are greyed out, fused ones tinted red, merged ones tinted by a colour per merged token.
 """
 import numpy as np
 
