@@ -1,4 +1,4 @@
-"""The two study scripts run end to end in --smoke mode and write their tables.
+"""The study and benchmark scripts run end to end in --smoke mode and write their tables.
 
 Tiny models and budgets: two reducers / two mechanisms, a few steps, outputs in tmp_path.
 """
@@ -78,3 +78,17 @@ def test_attention_zoo_outputs(tmp_path, data_dir):
   assert [r["mechanism"] for r in merged["rows"]] == ["mhsa", "relu", "sigmoid"]
   assert merged["merged"]["mechanisms"] == ["sigmoid"]
   assert {r["mechanism"]: r for r in merged["rows"]}["sigmoid"] == rows["sigmoid"]
+
+
+def test_kernel_benchmark_outputs(tmp_path):
+  out = tmp_path / "kernels.json"
+  assert load("kernels").main(["--smoke", "--runs=1", "--warmup=0", f"--out={out}"]) == 0
+  with open(out) as f:
+    res = json.load(f)
+  assert {r["method"] for r in res["rows"]} == {"xla", "pallas", "pallas_sigmoid"}
+  assert all(r["ms"] > 0 for r in res["rows"])
+  assert [r["impl"] for r in res["e2e"]] == ["reference", "xla", "pallas"]
+  for r in res["e2e"]:
+    assert r["train_img_s"] > 0 and r["train_tflops"] > 0 and r["mfu"] is None  # no CPU peak
+  assert [r["tokens"]["name"] for r in res["reduction_share"]] == ["evit", "tome"]
+  assert all(r["share"] > 0 for r in res["reduction_share"])
