@@ -204,6 +204,34 @@ def test_gpu_kernels_lower_to_triton(fn):
   assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3  # forward, dQ, dK/dV
 
 
+# ------------------------------------------------------------------ on a GPU (skipped elsewhere)
+ON_GPU = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+GPU_CASES = [  # id, n, heads, d, dtype: ViT-S at 224 px, ViT-B at 384 px, a reduced count
+    ("n197_h6_d64_bf16", 197, 6, 64, jnp.bfloat16), ("n577_h12_d64_bf16", 577, 12, 64, jnp.bfloat16),
+    ("n72_h6_d32_f32", 72, 6, 32, jnp.float32), ("n197_h4_d128_f32", 197, 4, 128, jnp.float32),
+]
+
+
+@ON_GPU
+@pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_compiled_gpu_kernels_match_reference(case):
+  """The Triton-compiled kernels (not the interpreter), forward and gradients, softmax and sigmoid."""
+  _, n, h, d, dtype = case
+  q, k, v, bias = inputs(4, n, n, h, d, dtype)
+  fwd_tol, grad_tol = (1e-4, 1e-3) if dtype == jnp.float32 else (2e-2, 5e-2)
+  for kernel, ref in ((lambda *a: fa.attention(*a, backend="gpu"),
+                       lambda *a: softmax_reference(*a)[0]),
+                      (lambda *a: fs.sigmoid_attention(*a, backend="gpu"), sigmoid_reference)):
+    loss = lambda f, *a: (f(*a).astype(jnp.float32) ** 2).sum()
+    y, grads = jax.jit(lambda *a, f=kernel: (f(*a), jax.grad(lambda *b: loss(f, *b),
+                                                              argnums=(0, 1, 2))(*a)))(q, k, v, bias)
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))  # references in float32
+    close(y, ref(q32, k32, v32, bias), fwd_tol)
+    ref_grads = jax.grad(lambda *b: loss(ref, *b), argnums=(0, 1, 2))(q32, k32, v32, bias)
+    for g, rg in zip(grads, ref_grads):
+      close(g, rg, grad_tol)
+
+
 # ------------------------------------------------------------------ inside the model
 def test_vit_pallas_matches_reference():
   def build(impl):
