@@ -87,7 +87,7 @@ def digits_config(args):
   spec.loader.exec_module(module)
   config = module.get_config("smoke=True" if args.smoke else None)
   config.data.data_dir = args.data_dir
-  config.model.class_token = True  # the model of the recorded results (cls_probs for reducers)
+  config.model.class_token = True  # the model of the recorded results
   config.batch_size = args.batch
   if args.lr is not None:
     config.optimizer.lr = args.lr

@@ -130,6 +130,11 @@ def add_ratios(rows):
         r["speedup_vs_pallas_softmax"] = g["pallas"]["ms"] / r["ms"]
 
 
+def fmt(x, p: int = 2) -> str:
+  """A table cell: x with p decimals, empty for a missing or NaN value."""
+  return "" if x is None or x != x else f"{x:.{p}f}"
+
+
 def peak_tflops(device_kind: str):
   for key, tflops in PEAK_TFLOPS:
     if key.lower() in device_kind.lower():
@@ -204,14 +209,13 @@ def reduction_rows(args, platform: str) -> list:
 
 
 def e2e_table(rows) -> str:
-  fmt = lambda x, p=1: "" if x is None or x != x else f"{x:.{p}f}"  # noqa: E731
   lines = ["| variant | batch | dtype | impl | infer img/s | train img/s | train TFLOP/s | MFU |",
            "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     mfu = r.get("mfu")
     lines.append(f"| {r['variant']} | {r['batch']} | {r['dtype']} | {r['impl']} | "
-                 f"{fmt(r.get('infer_img_s'))} | {fmt(r.get('train_img_s'))} | "
-                 f"{fmt(r.get('train_tflops'), 2)} | "
+                 f"{fmt(r.get('infer_img_s'), 1)} | {fmt(r.get('train_img_s'), 1)} | "
+                 f"{fmt(r.get('train_tflops'))} | "
                  f"{'' if mfu is None else f'{100 * mfu:.1f}%'} |")
   return "\n".join(lines)
 
@@ -220,7 +224,6 @@ def table(rows, platform) -> str:
   cols = ["B", "N", "H", "d", "pass", "method", "ms", "TFLOP/s", "vs XLA", "vs cuDNN",
           "sigmoid vs softmax"]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-  fmt = lambda x, p=2: "" if x is None or x != x else f"{x:.{p}f}"  # noqa: E731
   for r in rows:
     lines.append("| " + " | ".join([
         str(r["B"]), str(r["N"]), str(r["H"]), str(r["d"]), r["pass_"], r["method"],
