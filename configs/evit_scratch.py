@@ -9,7 +9,7 @@ rand-m9-mstd0.5-inc1, random erasing 0.25 (pixel mode), mixup 0.8 / cutmix 1.0 (
 label smoothing 0.1, repeated augmentation x3, drop-path 0.1, EMA 0.99996. EViT reorganises the
 tokens at blocks 3, 6 and 9 (0-indexed) with fusion; the keep rate is 1 for the first 10 epochs,
 then follows a cosine ramp to its target over 100 epochs, quantised into at most 16 compiled
-step shapes (`keep_rate_schedule`).
+step shapes (the reducer's `warmup` option).
 
 Expected (EViT paper, DeiT-S at 224 px): top-1 79.5 / top-5 94.8 at keep rate 0.7 (3.0 GMACs),
 78.5 / 94.2 at keep rate 0.5 (2.3 GMACs); plain DeiT-S is 79.8 at 4.6 GMACs. Evaluate with
@@ -40,8 +40,8 @@ def get_config(arg=None):
                      worker_count=16, repeated_aug=3)
   config.image_size = 224
   config.model = dict(name="vit", variant=arg.variant, drop_path=0.1,
-                      tokens=dict(name="evit", keep_rate=arg.keep_rate, locations=(3, 6, 9)))
-  config.keep_rate_schedule = dict(start_epoch=10, ramp_epochs=100, max_buckets=16)
+                      tokens=dict(name="evit", keep_rate=arg.keep_rate, locations=(3, 6, 9),
+                                  warmup=dict(start_epoch=10, ramp_epochs=100, max_buckets=16)))
   config.dtype = arg.dtype
   config.batch_size = arg.batch
   config.total_epochs = arg.epochs
@@ -77,7 +77,7 @@ def smoke(config):
   config.total_epochs, config.total_steps = None, 6
   config.warmup_epochs, config.warmup_steps = None, 1
   config.optimizer.lr = 1e-3
-  config.keep_rate_schedule.update(start_epoch=0, ramp_epochs=1, max_buckets=3)
+  config.model.tokens.warmup.update(start_epoch=0, ramp_epochs=1, max_buckets=3)
   config.log_every_steps = 2
   config.eval_every_epochs = config.checkpoint_every_epochs = None
   config.eval_every_steps = config.checkpoint_every_steps = 6

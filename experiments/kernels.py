@@ -187,12 +187,12 @@ def reduction_rows(args, platform: str) -> list:
     full, _ = time_fn(forward, (params, x_img), args.runs or 10, args.warmup)
     counts = macs.block_counts(model, 3)
     steps = 0.0
-    for i, planned in enumerate(model.reduction_plan()):
-      if planned is None:
+    reducer_cls, _ = model.stage().reducer()
+    for i, kw in enumerate(model.stage().plan().blocks):
+      if kw is None:
         continue
-      entry, kw = planned
-      n, width = counts[i].n_attn, model.width  # a mid-block reducer sees the attention output
-      reducer = entry.cls(num_prefix=model.num_prefix, dtype=dtype, **kw)
+      n, width = counts[i].n_attn, model.width  # an after-attention reducer sees its output
+      reducer = reducer_cls(num_prefix=model.num_prefix, dtype=dtype, **kw)
       keys = jax.random.split(jax.random.PRNGKey(i), 3)
       x = jax.random.normal(keys[0], (batch, n, width), dtype)
       aux = dict(cls_probs=jax.nn.softmax(jax.random.normal(keys[1], (batch, n))),

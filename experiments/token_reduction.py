@@ -343,7 +343,7 @@ def finetune_row(d, res, spec, label, name, kr, base_params, base_macs, kept, ft
   counts = macs.block_counts(model, channels)
   row = dict(method=name, keep_rate=kr, setting=label, spec=spec, tokens=stage_tokens(counts),
              mac_ratio=base_macs / macs.model_macs(model, channels))
-  if all(p is None for p in model.reduction_plan()):
+  if all(p is None for p in model.stage().plan().blocks):
     # e.g. EViT at 0.9 on 16 patches: ceil(0.9 n) + 1 = n at every stage, nothing changes
     row.update(noop=True, off_the_shelf=res["baseline"]["top1"],
                finetuned=res["control"]["top1"], new_params=0)

@@ -8,8 +8,10 @@ Environment (all optional):
   VITJAX_TEST_HOLD_SAVE=N   hold the asynchronous save of step N just before orbax commits it
                             (its files written, the temporary directory not yet renamed), print
                             "HOLDING-SAVE N" and wait for a kill
+  VITJAX_TEST_NAN_AT_STEP=N  the images of (1-based) step N become NaN inside the step, so
+                            its loss and gradients are not finite
   VITJAX_TEST_SET='{"k": v}'  config fields set after the flags are parsed (keys the config file
-                            does not define, such as debug_nan_at_step)
+                            does not define)
 """
 import asyncio
 import glob
@@ -58,6 +60,24 @@ def hold_save(n: int):
   atomicity.AtomicRenameTemporaryPath.finalize = held
 
 
+def nan_at_step(n: int):
+  """Poisons step n from outside the trainer: its train step sees NaN images."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from vitjax.train import trainer  # pylint: disable=import-outside-toplevel
+  make = trainer.make_train_step
+
+  def poisoned(*args, **kwargs):
+    step_fn = make(*args, **kwargs)
+
+    def fn(state, batch):
+      bad = state.step + 1 == n
+      image = jnp.where(bad, jnp.nan, batch["image"].astype(jnp.float32))
+      return step_fn(state, {**batch, "image": image})
+    return fn
+
+  trainer.make_train_step = poisoned
+
+
 def set_config(fields: dict):
   from vitjax.train import trainer  # pylint: disable=import-outside-toplevel
   train = trainer.train_and_evaluate
@@ -75,6 +95,8 @@ if __name__ == "__main__":
     hold_step(int(os.environ["VITJAX_TEST_HOLD_STEP"]))
   if os.environ.get("VITJAX_TEST_HOLD_SAVE"):
     hold_save(int(os.environ["VITJAX_TEST_HOLD_SAVE"]))
+  if os.environ.get("VITJAX_TEST_NAN_AT_STEP"):
+    nan_at_step(int(os.environ["VITJAX_TEST_NAN_AT_STEP"]))
   if os.environ.get("VITJAX_TEST_SET"):
     set_config(json.loads(os.environ["VITJAX_TEST_SET"]))
   sys.argv = [os.path.join(ROOT, "main.py")] + sys.argv[1:]

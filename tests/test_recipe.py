@@ -269,16 +269,17 @@ def test_evit_configs_carry_the_recipes():
   ft = evit_finetune.get_config("init_from=/x/deit_s.safetensors")
   assert ft.optimizer.lr == pytest.approx(2e-5 * 2048 / 512) and ft.optimizer.min_lr == 2e-6
   assert ft.optimizer.weight_decay == 1e-6 and ft.warmup_epochs == 0
-  assert ft.model.drop_path == 0.0 and "keep_rate_schedule" not in ft
+  assert ft.model.drop_path == 0.0 and "warmup" not in ft.model.tokens
   assert ft.total_epochs == 30 and ft.init_from == "/x/deit_s.safetensors"
   sc = evit_scratch.get_config("keep_rate=0.5")
-  assert sc.keep_rate_schedule.to_dict() == dict(start_epoch=10, ramp_epochs=100, max_buckets=16)
+  assert sc.model.tokens.warmup.to_dict() == dict(start_epoch=10, ramp_epochs=100,
+                                                  max_buckets=16)
   assert sc.total_epochs == 300 and sc.ema.decay == 0.99996 and sc.data.repeated_aug == 3
   assert sc.model.tokens.keep_rate == 0.5 and sc.mixup.cutmix_alpha == 1.0
   for cfg in (ft, sc):
     pp.parse(cfg.data.pp_train)  # the DeiT ops are registered and parse
     model = models.build(cfg.model, num_classes=1000, image_size=224)
-    assert model.width == 384 and model.reduction_plan()[3] is not None
+    assert model.width == 384 and model.stage().plan().blocks[3] is not None
   for mod in (evit_finetune, evit_scratch):
     smoke = mod.get_config("smoke=True")
     models.build(smoke.model, num_classes=10, image_size=8).validate()

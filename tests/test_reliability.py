@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import reliability_runner
 from configs import default as default_config
 from vitjax.train import checkpoint as ckpt_lib
 from vitjax.train import guard, trainer
@@ -166,8 +167,7 @@ def test_kills_and_sigterm_then_resume_is_bit_identical(reference, data_dir, tmp
 @pytest.mark.slow
 def test_nan_stops_at_the_first_bad_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
   workdir = str(tmp_path / "nan")
-  run = Run(workdir, data_dir, "--config.log_every_steps=4",
-            set=json.dumps({"debug_nan_at_step": 5}))
+  run = Run(workdir, data_dir, "--config.log_every_steps=4", nan_at_step=5)
   assert run.finish() == 1
   out = run.output()
   assert "non-finite loss or gradient at step 5" in out
@@ -184,9 +184,18 @@ def smoke(data_dir, **overrides):
   return config
 
 
-def test_skip_nonfinite_steps_skips_the_update_and_counts_it(data_dir, tmp_path):
-  config = smoke(data_dir, total_steps=6, debug_nan_at_step=5, skip_nonfinite_steps=True,
-                 batch_size=32)
+@pytest.fixture
+def nan_at_step(monkeypatch):
+  """nan_at_step(n): the train step n (1-based) of this test sees NaN images."""
+  def poison(n):
+    monkeypatch.setattr(trainer, "make_train_step", trainer.make_train_step)  # undone after
+    reliability_runner.nan_at_step(n)
+  return poison
+
+
+def test_skip_nonfinite_steps_skips_the_update_and_counts_it(data_dir, tmp_path, nan_at_step):
+  nan_at_step(5)
+  config = smoke(data_dir, total_steps=6, skip_nonfinite_steps=True, batch_size=32)
   summary = trainer.train_and_evaluate(config, str(tmp_path))
   assert summary["final_step"] == 6 and summary["skipped_steps"] == 1
   assert np.isfinite(summary["eval_loss"])
@@ -195,10 +204,11 @@ def test_skip_nonfinite_steps_skips_the_update_and_counts_it(data_dir, tmp_path)
   assert [r["train/skipped_steps"] for r in rows] == [0, 0, 1]  # logged at steps 2, 4, 6
 
 
-def test_skipped_step_leaves_the_state_unchanged(data_dir):
+def test_skipped_step_leaves_the_state_unchanged(data_dir, nan_at_step):
   from vitjax import data  # pylint: disable=import-outside-toplevel
   from vitjax.train import mesh as mesh_lib, optim  # pylint: disable=import-outside-toplevel
-  config = smoke(data_dir, batch_size=16, debug_nan_at_step=2, skip_nonfinite_steps=True)
+  nan_at_step(2)
+  config = smoke(data_dir, batch_size=16, skip_nonfinite_steps=True)
   info = data.get_info(config.data)
   model = trainer.build_model(config, info)
   tx, _ = optim.make_optimizer(config.optimizer, 10, 2)

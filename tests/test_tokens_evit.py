@@ -14,10 +14,15 @@ from vitjax import tokens as tokens_lib
 from vitjax.attention.mhsa import MHSA
 from vitjax.tokens import macs, schedule, visualize
 from vitjax.tokens.base import initial_state
-from vitjax.tokens.evit import EViT, evit_counts, normalize_row, reorganize
+from vitjax.tokens.evit import EViT, evit_counts, reorganize
 from vitjax.tokens.mctf import mctf_counts
 from vitjax.tokens.tome import merge_counts, parse_r
 from vitjax.tokens.topk import TopK, topk_counts
+from vitjax.tokens.base import AFTER_ATTENTION, BEFORE_ATTENTION, Layout, normalize_row
+
+def plan_blocks(cls, options, **layout):
+  """Per block: the reducer's kwargs or None, on an encoder of the given shape."""
+  return list(cls.plan(options, Layout(**layout)).blocks)
 
 B, N, D, P = 2, 17, 64, 1   # CLS + 4x4 patches
 
@@ -56,21 +61,22 @@ def test_count_tables(kr):
   assert tuple(evit_counts(kr)) == fused
   assert tuple(evit_counts(kr, fuse=False)) == plain
   assert tuple(topk_counts(kr)) == cumulative
-  plan = EViT.plan(dict(keep_rate=kr), depth=12, num_patches=196, num_prefix=1)
+  plan = plan_blocks(EViT, dict(keep_rate=kr), depth=12, num_patches=196, num_prefix=1)
   assert [i for i, kw in enumerate(plan) if kw] == [3, 6, 9]
   assert tuple(plan[i]["keep"] + 1 for i in (3, 6, 9)) == fused
-  plan = TopK.plan(dict(keep_rate=kr), depth=12, num_patches=196, num_prefix=1)
+  plan = plan_blocks(TopK, dict(keep_rate=kr), depth=12, num_patches=196, num_prefix=1)
   assert tuple(plan[i]["keep"] for i in (3, 6, 9)) == cumulative
   assert topk_counts(0.25) == [49, 12, 3]
 
 
 def test_keep_rate_one_plans_nothing():
-  assert EViT.plan(dict(keep_rate=1.0), depth=12, num_patches=196, num_prefix=1) == [None] * 12
+  assert plan_blocks(EViT, dict(keep_rate=1.0), depth=12, num_patches=196, num_prefix=1) == [None] * 12
 
 
 # ----- MACs (§0.2) -----
-def deit_s_macs(reductions, slot="mid", ahead="recompute"):
-  counts = macs.counts_from_stages(197, 12, reductions, slot)
+def deit_s_macs(reductions, one_step_ahead=False, ahead="recompute"):
+  hook = BEFORE_ATTENTION if one_step_ahead else AFTER_ATTENTION
+  counts = macs.counts_from_stages(197, 12, reductions, hook, one_step_ahead)
   return macs.vit_macs(counts, width=384, mlp_dim=1536, num_patches=196, patch_size=16,
                        ahead=ahead) / 1e9
 
@@ -88,7 +94,7 @@ def test_macs_deit_s():
   rs = mctf_counts(16, range(1, 12), 12, 197, 1)
   after = {i: int(197 - sum(rs[:i + 1])) for i in range(1, 12)}
   assert after[11] == 21
-  assert round(deit_s_macs(after, "ahead", "reference"), 2) == 2.58
+  assert round(deit_s_macs(after, True, "reference"), 2) == 2.58
 
 
 def test_block_counts_of_a_built_model():
@@ -102,7 +108,7 @@ def test_block_counts_of_a_built_model():
   deit = dataclasses.replace(model, width=384, num_heads=6, mlp_dim=1536)
   assert round(macs.vit_macs(counts, width=384, mlp_dim=1536, num_patches=196,
                              patch_size=16) / 1e9, 2) == 3.03
-  assert deit.reduction_plan()[3][1]["keep"] == 138
+  assert deit.stage().plan().blocks[3]["keep"] == 138
 
 
 # ----- the reducer itself -----
@@ -187,7 +193,7 @@ def test_score_norm_rows():
   model = models.build(dict(variant="Ti/4", depth=4, tokens=dict(name="evit", keep_rate=0.5,
                                                                  locations=(1, 2))),
                        num_classes=10, image_size=16)
-  assert model.reduction_plan()[1][1]["score_norm"] == "none"  # read from mhsa's capabilities
+  assert model.stage().plan().blocks[1]["score_norm"] == "none"  # read from mhsa's capabilities
 
 
 def test_one_trace_per_shape():
@@ -244,18 +250,17 @@ def test_keep_rate_one_is_the_identity_model():
                                 np.asarray(plain.apply(variables, IMAGES)[0]))
 
 
-class NoKeys(MHSA):
-  pass
-
-
-if "test_no_keys" not in attn_lib.names():
-  attn_lib.registry.register("test_no_keys", caps=attn_lib.Capabilities(key_metric=False))(NoKeys)
-if "test_no_cls" not in attn_lib.names():
+@pytest.fixture
+def limited_attentions(monkeypatch):
+  """Two mechanisms that cannot give what ToMe / EViT read, registered for one test only."""
+  monkeypatch.setattr(attn_lib.registry, "_REGISTRY", dict(attn_lib.registry._REGISTRY))
+  attn_lib.registry.register("test_no_keys", caps=attn_lib.Capabilities(key_metric=False))(
+      type("NoKeys", (MHSA,), {}))
   attn_lib.registry.register("test_no_cls", caps=attn_lib.Capabilities(cls_probs="none"))(
       type("NoCls", (MHSA,), {}))
 
 
-def test_incompatible_choices_fail_at_build():
+def test_incompatible_choices_fail_at_build(limited_attentions):  # pylint: disable=unused-argument
   with pytest.raises(ValueError, match="key_metric"):
     tiny(dict(name="tome", r=2), attention="test_no_keys")
   tiny(dict(name="tome", r=2), attention="mhsa")

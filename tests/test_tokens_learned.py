@@ -15,6 +15,11 @@ from vitjax import tokens
 from vitjax.attention.base import policy_key_bias
 from vitjax.tokens import dynamicvit as dvit
 from vitjax.tokens.base import initial_state
+from vitjax.tokens.base import BEFORE_ATTENTION, Layout
+
+def plan_blocks(cls, options, **layout):
+  """Per block: the reducer's kwargs or None, on an encoder of the given shape."""
+  return list(cls.plan(options, Layout(**layout)).blocks)
 
 B, P, GRID, D, H = 2, 1, (4, 4), 64, 4
 N = GRID[0] * GRID[1]
@@ -46,7 +51,7 @@ def build(name, count=None, **kw):
   entry = tokens.get(name)
   opts = dict(keep_rate=0.5, locations=(1, 2)) if name in CUMULATIVE else dict(locations=(1,))
   opts.update(kw)
-  plan = entry.cls.plan(opts, depth=4, num_patches=N, num_prefix=P)
+  plan = plan_blocks(entry.cls, opts, depth=4, num_patches=N, num_prefix=P)
   kwargs = next(k for k in plan if k is not None)
   if count is not None:
     kwargs = {**kwargs, "count": count}
@@ -117,7 +122,7 @@ def soft_weights(state):
 def test_cumulative_counts(name):
   for kr, counts in [(0.9, (176, 158, 142)), (0.7, (137, 96, 67)), (0.5, (98, 49, 24)),
                      (0.25, (49, 12, 3))]:
-    plan = tokens.get(name).cls.plan(dict(keep_rate=kr), depth=12, num_patches=196, num_prefix=1)
+    plan = plan_blocks(tokens.get(name).cls, dict(keep_rate=kr), depth=12, num_patches=196, num_prefix=1)
     assert [i for i, kw in enumerate(plan) if kw is not None] == [3, 6, 9]
     assert tuple(plan[i]["count"] for i in (3, 6, 9)) == counts
 
@@ -129,26 +134,26 @@ def test_cumulative_counts(name):
 def test_bad_options_fail_at_config_time(bad):
   for name in CUMULATIVE:
     with pytest.raises(ValueError):
-      tokens.get(name).cls.plan(bad, depth=12, num_patches=196, num_prefix=1)
+      plan_blocks(tokens.get(name).cls, bad, depth=12, num_patches=196, num_prefix=1)
 
 
 def test_tokenlearner_plan():
-  plan = tokens.get("tokenlearner").cls.plan({}, depth=12, num_patches=196, num_prefix=1)
+  plan = plan_blocks(tokens.get("tokenlearner").cls, {}, depth=12, num_patches=196, num_prefix=1)
   assert [(i, kw["count"]) for i, kw in enumerate(plan) if kw] == [(9, 8)]
-  plan = tokens.get("tokenlearner").cls.plan(dict(num_tokens=16, fuser=True, locations=(6,)),
+  plan = plan_blocks(tokens.get("tokenlearner").cls, dict(num_tokens=16, fuser=True, locations=(6,)),
                                              depth=12, num_patches=196, num_prefix=1)
   assert [i for i, kw in enumerate(plan) if kw] == list(range(6, 12))
-  plan = tokens.get("tokenlearner").cls.plan(dict(keep_rate=0.5, locations=(3, 6)),
+  plan = plan_blocks(tokens.get("tokenlearner").cls, dict(keep_rate=0.5, locations=(3, 6)),
                                              depth=12, num_patches=196, num_prefix=1)
   assert [kw["count"] for kw in plan if kw] == [98, 49]
   with pytest.raises(ValueError):  # v1.0 needs the grid, which only its first location has
-    tokens.get("tokenlearner_v1").cls.plan(dict(locations=(3, 6)), depth=12, num_patches=196,
+    plan_blocks(tokens.get("tokenlearner_v1").cls, dict(locations=(3, 6)), depth=12, num_patches=196,
                                            num_prefix=1)
 
 
 def test_registry_flags():
   flags = {n: tokens.get(n) for n in ALL}
-  assert all(e.slot == "pre" for e in flags.values())
+  assert all(e.hook == BEFORE_ATTENTION for e in flags.values())
   assert flags["kmedoids"].needs == ("attn",)
   assert all(flags[n].needs == () for n in ALL if n != "kmedoids")
   assert {n for n in ALL if flags[n].soft} == {"patchmerger", "sit", "sinkhorn", "tokenlearner",
@@ -163,12 +168,12 @@ DEIT_S_PARAMS = {"dynamicvit": 723_750, "patchmerger": 117_504, "sit": 281_967,
 def learn_and_fuse(module, x, state, aux):
   """Runs a reducer, and the fuser after it where it has one (so that its params exist)."""
   y, new = module(x, state, aux)
-  return module.fuse_back(y, new, x, state) if getattr(module, "fuses_back", False) else (y, new)
+  return module.after_block(y, new, (x, state))
 
 
 def count_params(name, options, width=384, heads=6):
   entry = tokens.get(name)
-  plan = entry.cls.plan(options, depth=12, num_patches=196, num_prefix=1)
+  plan = plan_blocks(entry.cls, options, depth=12, num_patches=196, num_prefix=1)
   total, n = 0, 197
   for kw in plan:
     if kw is None:

@@ -10,6 +10,11 @@ from vitjax.tokens.ats import ATS, sample
 from vitjax.tokens.base import initial_state
 from vitjax.tokens.mctf import MCTF, mctf_counts
 from vitjax.tokens.tome import ToMe, merge_counts, parse_r
+from vitjax.tokens.base import BEFORE_ATTENTION, Layout
+
+def plan_blocks(cls, options, **layout):
+  """Per block: the reducer's kwargs or None, on an encoder of the given shape."""
+  return list(cls.plan(options, Layout(**layout)).blocks)
 
 B, N, D, H = 2, 17, 64, 4
 
@@ -89,11 +94,11 @@ def test_tome_schedules_and_counts():
   assert dec[0] == 16 and dec[-1] == 0
   for r, left in {8: 101, 13: 41, 16: 11}.items():
     assert 197 - sum(merge_counts(parse_r(12, r), 197, 1)) == left
-  plan = ToMe.plan(dict(r=100), depth=3, num_patches=16, num_prefix=1)
+  plan = plan_blocks(ToMe, dict(r=100), depth=3, num_patches=16, num_prefix=1)
   assert [kw["r"] for kw in plan] == [8, 4, 2]  # clipped to half the non-prefix tokens
-  plan = ToMe.plan(dict(keep_rate=0.25), depth=12, num_patches=196, num_prefix=1)
+  plan = plan_blocks(ToMe, dict(keep_rate=0.25), depth=12, num_patches=196, num_prefix=1)
   assert [plan[i]["r"] for i in (3, 6, 9)] == [98, 37, 9]  # Haurum variant: capped at stage 1
-  assert ToMe.plan(dict(r=0), depth=4, num_patches=16, num_prefix=1) == [None] * 4
+  assert plan_blocks(ToMe, dict(r=0), depth=4, num_patches=16, num_prefix=1) == [None] * 4
 
 
 # ----- MCTF -----
@@ -158,7 +163,7 @@ def test_mctf_counts_and_macs():
   assert rs[0] == 0 and list(197 - np.cumsum(rs))[1:] == list(range(181, 20, -16))
   assert mctf_counts(16, [1, 2], 3, 17, 1)[1:] == [7, 0]  # t - r < 10: r = t - 10
   counts = macs.counts_from_stages(197, 12, {i: 197 - sum(rs[:i + 1]) for i in range(1, 12)},
-                                   slot="ahead")
+                                   BEFORE_ATTENTION, ahead=True)
   gmacs = macs.vit_macs(counts, width=192, mlp_dim=768, num_patches=196, patch_size=16,
                         ahead="reference") / 1e9
   assert round(gmacs, 2) == 0.70  # DeiT-T, README 0.71

@@ -108,8 +108,9 @@ def test_keep_rate_schedule_compiles_a_bounded_number_of_steps(data_dir, tmp_pat
   config = smoke_config(data_dir, total_steps=12, log_every_steps=4, eval_every_steps=12,
                         checkpoint_every_steps=12, batch_size=64)
   config.model.depth = 3
-  config.model.update(class_token=True, tokens=dict(name="evit", keep_rate=0.5, locations=(1,)))
-  config.keep_rate_schedule = dict(start_epoch=0, ramp_epochs=1, max_buckets=8)
+  config.model.update(class_token=True, tokens=dict(
+      name="evit", keep_rate=0.5, locations=(1,),
+      warmup=dict(start_epoch=0, ramp_epochs=1, max_buckets=8)))
   summary = trainer.train_and_evaluate(config, str(tmp_path))
   assert 2 <= summary["num_step_compiles"] <= 8
   assert summary["final_step"] == 12

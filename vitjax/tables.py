@@ -26,13 +26,19 @@ def attention_table() -> str:
 
 
 def tokens_table() -> str:
-  rows = ["| name | paper | needs from attention | slot | needs [CLS] | soft merge | status |",
+  rows = ["| name | paper | acts | reads from attention | needs [CLS] | soft merge | options |",
           "|---|---|---|---|---|---|---|"]
   for name in tokens.names():
     e = tokens.get(name)
-    needs = ", ".join(e.needs) or "-"
-    rows.append(f"| `{name}` | {e.paper} | {needs} | {e.slot} | {'yes' if e.needs_cls else 'no'} "
-                f"| {'yes' if e.soft else 'no'} | {STATUS} |")
+    acts = e.hook.replace("_", " ")
+    if e.hook == tokens.base.BEFORE_ATTENTION and e.needs:
+      needs = ", ".join(e.needs) + (" (own block)" if e.reads == tokens.base.OWN_BLOCK
+                                    else " (previous block)")
+    else:
+      needs = ", ".join(e.needs) or "-"
+    opts = ", ".join(f"`{k}`" for k in e.options) or "-"
+    rows.append(f"| `{name}` | {e.paper} | {acts} | {needs} | {'yes' if e.needs_cls else 'no'} "
+                f"| {'yes' if e.soft else 'no'} | {opts} |")
   return "\n".join(rows)
 
 

@@ -1,6 +1,6 @@
-"""The plain ViT / DeiT family, with a pluggable attention and a token-reduction slot per block.
+"""The plain ViT / DeiT family: patch embedding, one encoder stage, a pooling head.
 
-Block: x = x + attn(norm(x)); x, state = reduce(x, state, aux); x = x + mlp(norm(x)).
+The stage (`vitjax.models.stage`) runs the blocks with their attention mechanism and token reducer.
 Variant strings follow big_vision ("S/16", "B/32", "Ti/16", ...); parameter counts match timm.
 """
 import math
@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax import attention as attn_lib
-from vitjax import tokens as tokens_lib
+from vitjax.models.stage import Mlp, Stage, drop_path_rates
 
 # name: (width, depth, mlp_dim, heads)
 VARIANTS = {
@@ -66,95 +65,6 @@ def resample_posemb(posemb, new_grid: Sequence[int], num_prefix: int = 0):
   grid_emb = grid_emb.reshape(1, old, old, -1)
   grid_emb = jax.image.resize(grid_emb, (1, *new_grid, grid_emb.shape[-1]), method="bilinear")
   return np.concatenate([prefix, np.asarray(grid_emb).reshape(1, -1, posemb.shape[-1])], axis=1)
-
-
-def drop_path(module: nn.Module, x, rate, deterministic: bool):
-  """Stochastic depth: drops the whole residual branch per example."""
-  if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
-    return x
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / keep, jnp.zeros_like(x))
-
-
-class Mlp(nn.Module):
-  mlp_dim: int
-  dropout: float = 0.0
-  gelu_approximate: bool = False
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, deterministic=True):
-    width = x.shape[-1]
-    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
-    x = nn.gelu(x, approximate=self.gelu_approximate)
-    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-    x = nn.Dense(width, dtype=self.dtype, name="fc2")(x)
-    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
-
-
-class LayerScale(nn.Module):
-  init_value: float
-
-  @nn.compact
-  def __call__(self, x):
-    gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
-    return x * gamma.astype(x.dtype)
-
-
-class Block(nn.Module):
-  """One encoder block, split at the token-reduction slot (attend | reduce | feed_forward)."""
-  attention: Any  # attention spec: name or dict(name=..., **options)
-  num_heads: int
-  mlp_dim: int
-  dropout: float = 0.0
-  attn_dropout: float = 0.0
-  drop_path_rate: Any = 0.0
-  layerscale: Optional[float] = None
-  qk_norm: bool = False
-  qkv_bias: bool = True
-  impl: str = "reference"
-  gelu_approximate: bool = False
-  dtype: Any = jnp.float32
-
-  def setup(self):
-    self.norm1 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
-    self.attn = attn_lib.build(self.attention, num_heads=self.num_heads, dtype=self.dtype,
-                               qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
-                               attn_drop=self.attn_dropout, proj_drop=self.dropout,
-                               impl=self.impl)
-    self.norm2 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
-    self.mlp = Mlp(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype)
-    if self.layerscale is not None:
-      self.ls1, self.ls2 = LayerScale(self.layerscale), LayerScale(self.layerscale)
-
-  def attend(self, x, ctx, need=(), deterministic=True):
-    h, aux = self.attn(self.norm1(x), ctx, need=tuple(need), deterministic=deterministic)
-    if self.layerscale is not None:
-      h = self.ls1(h)
-    return x + drop_path(self, h, self.drop_path_rate, deterministic), aux
-
-  def feed_forward(self, x, deterministic=True):
-    h = self.mlp(self.norm2(x), deterministic=deterministic)
-    if self.layerscale is not None:
-      h = self.ls2(h)
-    return x + drop_path(self, h, self.drop_path_rate, deterministic)
-
-  def __call__(self, x, ctx, deterministic=True):
-    x, _ = self.attend(x, ctx, (), deterministic)
-    return self.feed_forward(x, deterministic)
-
-
-class ScanBlock(nn.Module):
-  """Adapter so that `nn.scan` can carry x and scan over per-layer drop-path rates."""
-  block_kwargs: dict
-  ctx: Any
-  deterministic: bool
-
-  @nn.compact
-  def __call__(self, x, rate):
-    x = Block(drop_path_rate=rate, name="block", **self.block_kwargs)(x, self.ctx, self.deterministic)
-    return x, None
 
 
 class MAPHead(nn.Module):
@@ -252,41 +162,27 @@ class ViT(nn.Module):
   def attention_specs(self) -> list:
     return layer_attention_specs(self.attention, self.depth)
 
-  def reduction_plan(self) -> list:
-    """Per block: None or (registry entry, static kwargs) of the token reducer there."""
-    name, options = tokens_lib.registry.split_spec(self.tokens)
-    options = {k: v for k, v in options.items() if k != "prop_attn"}
-    entry = tokens_lib.get(name)
-    n_patches = self.grid[0] * self.grid[1]
-    plan = entry.cls.plan(options, depth=self.depth, num_patches=n_patches,
-                          num_prefix=self.num_prefix)
-    if getattr(entry.cls, "reads_cls_score_norm", False) and "score_norm" not in options:
-      # score-based reducers read a non-softmax [CLS] row the way its attention says (zoo R4)
-      specs = self.attention_specs()
-      plan = [kw if kw is None else {**kw, "score_norm": attn_lib.get(
-          attn_lib.registry.split_spec(specs[i])[0]).caps.cls_score_norm}
-              for i, kw in enumerate(plan)]
-    return [None if kw is None else (entry, kw) for kw in plan]
+  def stage(self, parent=None) -> Stage:
+    """The encoder: `depth` blocks with their attention and the token reducer (unbound unless a
+    parent is given: its static methods plan and check without parameters)."""
+    rates = drop_path_rates(self.drop_path, self.depth)
+    blocks = [dict(attention=spec, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                   dropout=self.dropout, attn_dropout=self.attn_dropout, drop_path_rate=rate,
+                   layerscale=self.layerscale, qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
+                   impl=self.impl, gelu_approximate=self.gelu_approximate, dtype=self.dtype)
+              for spec, rate in zip(self.attention_specs(), rates)]
+    return Stage(blocks=blocks, grid=self.grid, num_prefix=self.num_prefix,
+                 class_token=self.class_token, tokens=self.tokens,
+                 track_source=self.track_source, scan=self.scan, remat=self.remat,
+                 dtype=self.dtype, parent=parent)
 
-  @property
-  def prop_attn(self) -> bool:
-    _, options = tokens_lib.registry.split_spec(self.tokens)
-    return bool(options.get("prop_attn", False))
+  def token_warmup(self, steps_per_epoch: int):
+    """The reducer's training-time schedule (tokens.schedule.Warmup), or None."""
+    return self.stage().warmup(steps_per_epoch)
 
-  def layer_needs(self, plan) -> list:
-    """Aux signals each block's attention must return for the reducers."""
-    needs = [set() for _ in range(self.depth)]
-    for i, item in enumerate(plan):
-      if item is None:
-        continue
-      entry, _ = item
-      src = i - 1 if entry.slot == "pre" else i  # "mid" and "ahead" read their own block
-      if entry.needs and src < 0:
-        raise ValueError(f"token reducer {entry.name!r} at block 0 needs the attention of the "
-                         "previous block; place it at block 1 or later")
-      if src >= 0:
-        needs[src] |= set(entry.needs)
-    return [tuple(sorted(n)) for n in needs]
+  def with_tokens(self, overrides: Mapping):
+    """This model with its reducer options updated (e.g. a warm-up piece's keep rate)."""
+    return self.clone(tokens={**_as_dict(self.tokens), **dict(overrides)})
 
   def validate(self):
     """Config-time checks; raises ValueError naming what would be valid."""
@@ -304,36 +200,7 @@ class ViT(nn.Module):
                          f"size {self.patch_size}")
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
-    specs = self.attention_specs()
-    entries = [attn_lib.registry.check(s)[0] for s in specs]
-    plan = self.reduction_plan()
-    needs = self.layer_needs(plan)
-    reduced = False
-    for i in range(self.depth):
-      item = plan[i]
-      if item is not None and item[0].slot in ("pre", "ahead"):
-        reduced = True
-      if entries[i].caps.needs_grid and reduced:
-        raise ValueError(f"block {i} uses grid attention {entries[i].name!r} after a token "
-                         "reduction; only grid-free (Tier G) attention may follow a reduction")
-      missing = set(needs[i]) - set(entries[i].caps.provides())
-      if missing:
-        red = next(p[0] for p in plan if p is not None)
-        ok = tokens_lib.registry.compatible_attentions(red)
-        raise ValueError(f"token reducer {red.name!r} needs {sorted(missing)} from the attention "
-                         f"of block {i}, which {entries[i].name!r} cannot give; compatible "
-                         f"attentions: {', '.join(ok)}")
-      if item is not None:
-        entry = item[0]
-        if entry.needs_cls and not self.class_token:
-          raise ValueError(f"token reducer {entry.name!r} needs a [CLS] token (class_token=True)")
-        if entry.needs_grid and reduced and entry.slot == "mid":
-          raise ValueError(f"token reducer {entry.name!r} needs the token grid at block {i}")
-        reduced = True
-    if self.scan and (any(p is not None for p in plan) or any(s != specs[0] for s in specs)):
-      raise ValueError("scan=True needs identical blocks: no token reduction and no per-layer "
-                       "attention overrides")
-    return plan, needs
+    self.stage().check()
 
   # ----- forward -----
   def embed(self, images):
@@ -373,87 +240,20 @@ class ViT(nn.Module):
       x = jnp.concatenate([x[:, :k], jnp.tile(reg, (b, 1, 1)).astype(x.dtype), x[:, k:]], axis=1)
     return x
 
-  def block_kwargs(self, spec) -> dict:
-    return dict(attention=spec, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                dropout=self.dropout, attn_dropout=self.attn_dropout, layerscale=self.layerscale,
-                qk_norm=self.qk_norm, qkv_bias=self.qkv_bias, impl=self.impl,
-                gelu_approximate=self.gelu_approximate, dtype=self.dtype)
-
-  def context(self, state, reduced: bool):
-    key_bias = jnp.log(state.size) if (self.prop_attn and reduced) else None
-    return attn_lib.AttnContext(
-        key_bias=key_bias, size=state.size, valid=state.valid, pos=state.pos,
-        grid=None if reduced else self.grid, num_prefix=self.num_prefix,
-        cls_index=0 if self.class_token else None)
-
-  def encode(self, x, state, train: bool, out: dict):
-    plan, needs = self.validate()
-    specs = self.attention_specs()
-    rates = np.linspace(0.0, self.drop_path, self.depth).tolist()
-    if self.scan:
-      block = ScanBlock
-      if self.remat:
-        block = nn.remat(block, static_argnums=())
-      scanned = nn.scan(block, variable_axes={"params": 0, "batch_stats": 0},
-                        split_rngs={"params": True, "dropout": True}, in_axes=0, length=self.depth)
-      # The carry keeps one dtype: a block returns a float32 residual stream (as the unrolled
-      # path has after its first block) even when the embedding is computed in bfloat16.
-      x, _ = scanned(self.block_kwargs(specs[0]), self.context(state, False), not train,
-                     name="encoder")(x.astype(jnp.float32), jnp.asarray(rates, jnp.float32))
-      return x, state
-    attend, feed_forward = Block.attend, Block.feed_forward
-    if self.remat:  # recompute activations in the backward pass; the module is argument 0
-      attend = nn.remat(Block.attend, static_argnums=(3, 4))
-      feed_forward = nn.remat(Block.feed_forward, static_argnums=(2,))
-    reduced, prev_aux = False, {}
-    for i in range(self.depth):
-      blk = Block(drop_path_rate=rates[i], name=f"block_{i}", **self.block_kwargs(specs[i]))
-      reducer = None
-      if plan[i] is not None:
-        entry, kw = plan[i]
-        reducer = entry.cls(num_prefix=self.num_prefix, dtype=self.dtype, name=f"reduce_{i}", **kw)
-      need, before = needs[i], (x, state)
-      if reducer is not None and entry.slot == "ahead":
-        # one-step-ahead (MCTF): this block's attention on the tokens before the reduction feeds
-        # the reducer; its output is discarded (XLA drops the unused P.V and projection)
-        _, ahead_aux = attend(blk, x, self.context(state, reduced), need, not train)
-        need = ()
-      if reducer is not None and entry.slot in ("pre", "ahead"):
-        x, state = reducer(x, state, ahead_aux if entry.slot == "ahead" else prev_aux,
-                           deterministic=not train)
-        reduced = True
-        self.record_state(out, i, state)
-      x, aux = attend(blk, x, self.context(state, reduced), need, not train)
-      if reducer is not None and entry.slot == "mid":
-        x, state = reducer(x, state, aux, deterministic=not train)
-        reduced = True
-        self.record_state(out, i, state)
-      x = feed_forward(blk, x, not train)
-      if reducer is not None and getattr(reducer, "fuses_back", False):
-        # TokenFuser: the block ran on learned tokens; map them back onto its input tokens
-        x, state = reducer.fuse_back(x, state, *before, deterministic=not train)
-      prev_aux = aux
-      out[f"block_{i}"] = x
-    return x, state
-
-  def record_state(self, out: dict, block: int, state):
-    """With track_source=True, keeps each reducer's output state as out["token_state_{block}"]."""
-    if self.track_source:
-      out[f"token_state_{block}"] = state
-
   @nn.compact
-  def __call__(self, images, *, train: bool = False):
-    out = {}
+  def __call__(self, images, *, train: bool = False, step=None, progress=None):
+    """images [B, H, W, C] -> (logits [B, classes], out: named intermediates).
+
+    step / progress: the training step and step / total steps, for mechanisms with a schedule.
+    """
     x = self.embed(images)
     x = self.add_prefix_and_posemb(x)
     x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    out["stem"] = x
-    with_pos = any(attn_lib.get(attn_lib.registry.split_spec(s)[0]).caps.needs_pos
-                   for s in self.attention_specs())
-    state = tokens_lib.initial_state(x.shape[0], self.num_prefix, self.grid,
-                                     track_source=self.track_source, with_pos=with_pos)
-    x, state = self.encode(x, state, train, out)
-    out["token_state"] = state
+    stem = x
+    stage = self.stage(parent=self)
+    nn.share_scope(self, stage)  # the blocks' parameters stay at the top level (block_i, reduce_i)
+    x, state, out = stage(x, train=train, step=step, progress=progress)
+    out.update(stem=stem, token_state=state)
     x = self.pool_tokens(x, state, out)
     return self.classify(x, train, out)
 

@@ -4,7 +4,7 @@ In the blocks at `locations`, after the attention: significance S_j = sum_h P_h[
 over the non-prefix tokens, normalised to sum 1; its cumulative sum (token order) is the CDF. K
 evenly spaced quantiles (k + 1/2) / K each pick the token whose CDF bin contains them; duplicates
 collapse, so at most K distinct tokens (plus the prefix) survive. Only the picked query rows matter
-from this block on, which equals gathering the post-attention tokens (the `mid` slot).
+from this block on, which equals gathering the post-attention tokens (an after-attention reducer).
 
 Static shapes (own design): the output always has prefix + K slots, in token order; slots left
 over by duplicates carry `valid=False` and later attention layers mask them as keys (the ViT
@@ -15,16 +15,13 @@ step to the token of nearest CDF value (which can pick zero-significance tokens)
 CDF of invalid tokens by 0.1; we take exactly K midpoints and the proper inverse CDF (the official
 ATS also starts its quantiles at the first non-zero CDF value), so empty bins are never sampled.
 """
-from typing import ClassVar
-
 import jax
 import jax.numpy as jnp
 
 from vitjax.tokens import registry
-from vitjax.tokens.base import Reducer, take_state, take_tokens
-from vitjax.tokens.evit import (DEFAULT_LOCATIONS, SCORE_NORMS, check_locations, check_options,
-                                normalize_row)
-from vitjax.tokens.topk import topk_counts
+from vitjax.tokens.base import (DEFAULT_LOCATIONS, SCORE_NORMS, Layout, Plan, Reducer, at_blocks,
+                                cumulative_counts, keep_prefix_and, normalize_row, score_norm_at,
+                                take_state, take_tokens)
 
 MODES = ("gather", "mask")
 EPS = 1e-6
@@ -52,44 +49,40 @@ def sample(score, samples: int):
   return jax.nn.one_hot(picked, score.shape[1], dtype=jnp.float32).max(axis=1) > 0
 
 
-@registry.register("ats", needs=("cls_probs_per_head", "value_norm"), slot="mid", needs_cls=True,
-                   paper="ATS: Adaptive Token Sampling for Efficient Vision Transformers "
-                         "(Fayyaz et al., ECCV 2022)")
+@registry.register("ats", paper="ATS: Adaptive Token Sampling for Efficient Vision Transformers "
+                                "(Fayyaz et al., ECCV 2022)")
 class ATS(Reducer):
   """Samples at most `samples` tokens by the inverse CDF of their significance."""
   samples: int = 1
   mode: str = "gather"
   score_norm: str = "none"
 
-  reads_cls_score_norm: ClassVar[bool] = True
-  options: ClassVar[tuple] = ("keep_rate", "samples", "locations", "mode", "score_norm")
+  needs = ("cls_probs_per_head", "value_norm")
+  needs_cls = True
+  options = {"keep_rate": None, "samples": None, "locations": DEFAULT_LOCATIONS, "mode": "gather",
+             "score_norm": None}
+  choices = {"mode": MODES, "score_norm": (None,) + SCORE_NORMS}
 
   @classmethod
-  def plan(cls, options, *, depth, num_patches, num_prefix):
-    check_options("ats", options, cls.options)
-    locations = check_locations("ats", options.get("locations", DEFAULT_LOCATIONS), depth)
-    if ("keep_rate" in options) == ("samples" in options):
-      raise ValueError("ats needs exactly one of keep_rate (K_s = int(kr**s * patches)) or "
-                       "samples (one K per location)")
-    if "samples" in options:
-      counts = [int(k) for k in options["samples"]]
-      if len(counts) != len(locations):
-        raise ValueError(f"ats.samples has {len(counts)} entries for {len(locations)} locations")
+  def plan(cls, options, layout: Layout) -> Plan:
+    opts = cls.parse(options, layout)
+    locations = opts["locations"]
+    if (opts["keep_rate"] is None) == (opts["samples"] is None):
+      raise ValueError("token reducer 'ats' needs exactly one of keep_rate (K_s = int(kr**s * "
+                       "patches)) or samples (one K per location)")
+    if opts["samples"] is not None:
+      counts = [int(k) for k in opts["samples"]]
+      if len(counts) != len(locations) or min(counts) < 1:
+        raise ValueError(f"token reducer 'ats': samples {counts} must give one K >= 1 for each "
+                         f"of the {len(locations)} locations")
     else:
-      counts = topk_counts(options["keep_rate"], num_patches, locations)
-    mode = options.get("mode", "gather")
-    if mode not in MODES:
-      raise ValueError(f"ats.mode must be one of {MODES}, got {mode!r}")
-    extra = {"score_norm": options["score_norm"]} if "score_norm" in options else {}
-    if extra.get("score_norm", "none") not in SCORE_NORMS:
-      raise ValueError(f"ats.score_norm must be one of {SCORE_NORMS}")
-    plan, slots = [None] * depth, num_patches
+      counts = cumulative_counts("ats", opts["keep_rate"], locations, layout.num_patches)[1]
+    blocks, slots = {}, layout.num_patches
     for loc, k in zip(locations, counts):
-      if not 1 <= k:
-        raise ValueError(f"ats samples {k} tokens at block {loc}; it needs at least 1")
-      plan[loc] = dict(samples=min(k, slots), mode=mode, **extra)
-      slots = min(k, slots) if mode == "gather" else slots
-    return plan
+      blocks[loc] = dict(samples=min(k, slots), mode=opts["mode"],
+                         score_norm=score_norm_at(layout, loc, opts["score_norm"]))
+      slots = min(k, slots) if opts["mode"] == "gather" else slots
+    return Plan(at_blocks(layout.depth, blocks))
 
   def __call__(self, x, state, aux, *, deterministic=True):
     p = self.num_prefix
@@ -103,8 +96,7 @@ class ATS(Reducer):
     n = picked.shape[1]
     rank = jnp.where(picked, 0, n) + jnp.arange(n)  # picked tokens first, each group in order
     idx = jnp.argsort(rank, axis=-1)[:, :self.samples]
-    prefix = jnp.broadcast_to(jnp.arange(p), (x.shape[0], p))
-    full = jnp.concatenate([prefix, idx + p], axis=1)
+    full = keep_prefix_and(idx, p)
     new_state = take_state(state, full)
     slot_valid = jnp.take_along_axis(picked, idx, axis=1)
     new_state = new_state.replace(valid=jnp.concatenate([prefix_valid, slot_valid], axis=1))

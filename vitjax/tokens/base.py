@@ -3,6 +3,7 @@
 Output counts are Python ints fixed when the model is built (`Reducer.plan`), so shapes stay static
 under jit. Token layout: [prefix (CLS, dist, registers) | image tokens | tokens made by reducers].
 """
+import dataclasses
 from typing import Any, ClassVar, Mapping, Optional
 
 import flax
@@ -20,6 +21,9 @@ class TokenState:
   # [B, N] bool for mask-mode methods; DynamicViT training stores its {0, 1} float keep policy
   # here, whose straight-through gradient reaches attention (see attention.base.policy_key_bias)
   valid: Optional[jax.Array] = None
+  # [B, N] int32: each token's position among the tokens that entered the stage, -1 for a token
+  # made by merging, fusing or learning (what a reduction kept, in output order)
+  index: Optional[jax.Array] = None
 
   @property
   def num_tokens(self) -> int:
@@ -40,7 +44,8 @@ def initial_state(batch: int, num_prefix: int, grid: tuple, *, track_source: boo
     patch_pos = jnp.stack([rows.ravel(), cols.ravel()], -1).astype(jnp.float32)
     prefix = jnp.full((num_prefix, 2), jnp.nan, jnp.float32)
     pos = jnp.broadcast_to(jnp.concatenate([prefix, patch_pos]), (batch, n, 2))
-  return TokenState(size=size, source=source, pos=pos)
+  index = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
+  return TokenState(size=size, source=source, pos=pos, index=index)
 
 
 def take_tokens(t: Optional[jax.Array], idx: jax.Array) -> Optional[jax.Array]:
@@ -54,68 +59,210 @@ def take_tokens(t: Optional[jax.Array], idx: jax.Array) -> Optional[jax.Array]:
 def take_state(state: TokenState, idx: jax.Array) -> TokenState:
   """Keeps the tokens at `idx` [B, K] in every field of the state."""
   return TokenState(size=take_tokens(state.size, idx), source=take_tokens(state.source, idx),
-                    pos=take_tokens(state.pos, idx), valid=take_tokens(state.valid, idx))
+                    pos=take_tokens(state.pos, idx), valid=take_tokens(state.valid, idx),
+                    index=take_tokens(state.index, idx))
+
+
+# ----- the contract -----
+# Where a reducer acts in a block  x = x + attn(norm(x)); [reduce]; x = x + mlp(norm(x)):
+BEFORE_ATTENTION = "before_attention"  # on the block's input, before its attention
+AFTER_ATTENTION = "after_attention"    # after the attention residual, before the MLP (EViT, ToMe)
+HOOKS = (BEFORE_ATTENTION, AFTER_ATTENTION)
+# Whose attention a before-attention reducer reads (after-attention ones read their own block's):
+PREVIOUS_BLOCK = "previous_block"      # the attention of the block before (DynamicViT, K-Medoids)
+OWN_BLOCK = "own_block"                # this block's attention on the unreduced tokens (MCTF's
+                                       # one-step-ahead attention); the block then attends again
+DEFAULT_LOCATIONS = (3, 6, 9)          # 0-indexed blocks (EViT, DynamicViT, Haurum et al.)
+
+
+class _Required:
+  def __repr__(self):
+    return "REQUIRED"
+
+
+REQUIRED = _Required()                 # an option without a default
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What a reducer may know of the encoder it is planned into (all static)."""
+  depth: int
+  num_patches: int
+  num_prefix: int
+  class_token: bool = True
+  attention: tuple = ()  # per block: the attention mechanism's Capabilities
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """A reducer's static plan: per block None (no reduction there) or that block's module kwargs."""
+  blocks: tuple
+  prop_attn: bool = False  # after the first reduction, attention adds log(size) to its logits
 
 
 class Reducer(nn.Module):
-  """Base of every token reducer. Subclasses set the class variables and implement __call__."""
+  """Base of every token reducer; the class variables are its declared contract.
+
+  A reducer maps (tokens, token state, attention aux) -> (fewer tokens, new state) at its `hook`;
+  `after_block` runs once the block is done (identity unless a method maps its tokens back).
+  `options` is the option schema {name: default} (REQUIRED: no default), `choices` the allowed
+  values of enumerated options; `plan` turns options into per-block kwargs through `parse`.
+  """
   num_prefix: int = 1
   dtype: Any = jnp.float32
 
-  # aux signals read from the attention layer (see vitjax.attention.base.AUX_FIELDS)
-  needs: ClassVar[tuple] = ()
-  # "mid": after the attention residual, before the MLP; "pre": before the block's attention
-  slot: ClassVar[str] = "mid"
+  name_in_registry: ClassVar[str] = ""
+  needs: ClassVar[tuple] = ()      # aux signals read from the attention (attention.base.AUX_FIELDS)
+  hook: ClassVar[str] = AFTER_ATTENTION
+  reads: ClassVar[str] = PREVIOUS_BLOCK  # before-attention reducers: whose attention they read
+  needs_cls: ClassVar[bool] = False      # reads the [CLS] token's attention row
+  needs_grid: ClassVar[bool] = False     # needs raster-ordered tokens at its location
+  soft: ClassVar[bool] = False           # soft merge: token sizes become assignment weights
+  options: ClassVar[dict] = {"keep_rate": REQUIRED, "locations": DEFAULT_LOCATIONS}
+  choices: ClassVar[dict] = {}
 
   @classmethod
-  def plan(cls, options: dict, *, depth: int, num_patches: int, num_prefix: int) -> list:
-    """Per block: None (no reduction there) or the static kwargs of that block's reducer."""
-    raise NotImplementedError
+  def parse(cls, options: Mapping, layout: Layout) -> dict:
+    """Checks names, fills defaults and checks choices, locations and keep rates."""
+    return parse_options(cls.name_in_registry, options, cls.options, cls.choices, layout.depth)
+
+  @classmethod
+  def plan(cls, options: Mapping, layout: Layout) -> Plan:
+    """Default: cumulative keep rates at `locations`, count_s = int(N0 * kr^s) (Haurum et al.)."""
+    opts = cls.parse(options, layout)
+    locs = opts.pop("locations")
+    _, counts = cumulative_counts(cls.name_in_registry, opts.pop("keep_rate"), locs,
+                                  layout.num_patches)
+    return Plan(at_blocks(layout.depth, {l: dict(count=c, **opts) for l, c in zip(locs, counts)}))
+
+  @classmethod
+  def warmup(cls, options: Mapping, layout: Layout, *, steps_per_epoch: int):
+    """A training-time schedule of options (see tokens.schedule.Warmup), or None."""
+    del options, layout, steps_per_epoch
+    return None
 
   def __call__(self, x, state: TokenState, aux: dict, *, deterministic: bool = True):
     raise NotImplementedError
 
+  def after_block(self, x, state: TokenState, before: tuple, *, deterministic: bool = True):
+    """x, state after the block's MLP; before = (x, state) as the block received them."""
+    del before, deterministic
+    return x, state
 
-# ----- helpers shared by the methods that reduce at a few locations to a cumulative count -----
-DEFAULT_LOCATIONS = (3, 6, 9)  # 0-indexed blocks (DynamicViT, Haurum et al. benchmark)
 
-
-def cumulative_schedule(name: str, options: dict, *, depth: int, num_patches: int,
-                        own: Mapping = ()) -> tuple:
-  """Parses `keep_rate` / `locations` and the method's own options.
-
-  Counts follow the cumulative keep-rate definition, n_s = floor(N0 * kr^s) for s = 1, 2, ...,
-  with exactly the reference expression `int(N0 * kr ** s)` (float64 on the host). A sequence
-  `keep_rate` gives the cumulative ratio of each location directly (DynamicViT's `token_ratio`).
-  own: {option: default} of the method. Returns (locations, ratios, counts, own options).
-  """
+# ----- the one option parser -----
+def parse_options(name: str, options: Mapping, schema: Mapping, choices: Mapping,
+                  depth: int) -> dict:
+  """{**schema defaults, **options}, checked: known names, required ones given, choices,
+  `locations` (increasing block indices) and `keep_rate` (in (0, 1], once or per location)."""
   opts = dict(options)
-  valid = {"keep_rate", "locations", *own}
-  unknown = sorted(set(opts) - valid)
+  unknown = sorted(set(opts) - set(schema))
   if unknown:
-    raise ValueError(f"token reducer {name!r} has no option(s) {unknown}; valid: {sorted(valid)}")
-  if "keep_rate" not in opts:
-    raise ValueError(f"token reducer {name!r} needs keep_rate, a float in (0, 1]")
-  locs = tuple(int(l) for l in opts.pop("locations", DEFAULT_LOCATIONS))
-  if not locs or any(not 0 <= l < depth for l in locs) or list(locs) != sorted(set(locs)):
-    raise ValueError(f"token reducer {name!r}: locations {locs} must be increasing block indices "
-                     f"in 0..{depth - 1}")
-  kr = opts.pop("keep_rate")
-  if isinstance(kr, (int, float)):
-    ratios = [float(kr) ** (s + 1) for s in range(len(locs))]
-    rates = [float(kr)]
+    raise ValueError(f"token reducer {name!r} has no option(s) {unknown}; valid options: "
+                     f"{sorted(schema)}")
+  missing = sorted(k for k, v in schema.items() if v is REQUIRED and k not in opts)
+  if missing:
+    raise ValueError(f"token reducer {name!r} needs {', '.join(missing)}"
+                     + (", a float in (0, 1]" if missing == ["keep_rate"] else ""))
+  opts = {**{k: v for k, v in schema.items() if v is not REQUIRED}, **opts}
+  for key, valid in choices.items():
+    if opts.get(key) not in valid:
+      raise ValueError(f"token reducer {name!r}: {key}={opts.get(key)!r}; valid: {valid}")
+  if opts.get("locations") is not None:
+    opts["locations"] = check_locations(name, opts["locations"], depth)
+    if opts.get("keep_rate") is not None:
+      per_location(name, opts["keep_rate"], opts["locations"])
+  return opts
+
+
+def check_locations(name: str, locations, depth: int) -> tuple:
+  locations = tuple(int(i) for i in locations)
+  if not locations or list(locations) != sorted(set(locations)):
+    raise ValueError(f"token reducer {name!r}: locations {locations} must be increasing, "
+                     f"distinct block indices in 0..{depth - 1}")
+  for i in locations:
+    if not 0 <= i < depth:
+      raise ValueError(f"token reducer {name!r}: locations has block {i}; blocks are "
+                       f"0..{depth - 1}")
+  return locations
+
+
+def per_location(name: str, value, locations: tuple) -> list:
+  """A keep rate given once, or once per location -> one float per location, each in (0, 1]."""
+  rates = list(value) if isinstance(value, (list, tuple)) else [value] * len(locations)
+  if len(rates) != len(locations):
+    raise ValueError(f"token reducer {name!r}: {len(rates)} keep rates for {len(locations)} "
+                     "locations")
+  for kr in rates:
+    if not isinstance(kr, (int, float)) or not 0.0 < float(kr) <= 1.0:
+      raise ValueError(f"token reducer {name!r}: keep_rate {kr!r} must lie in (0, 1]")
+  return [float(kr) for kr in rates]
+
+
+def cumulative_counts(name: str, keep_rate, locations: tuple, num_patches: int) -> tuple:
+  """(ratios, counts) of the cumulative definition n_s = int(N0 * kr^s), s = 1, 2, ...
+
+  Exactly the reference expression `int(N0 * kr ** s)` (float64 on the host). A sequence gives
+  the cumulative ratio of each location directly (DynamicViT's `token_ratio`).
+  """
+  rates = per_location(name, keep_rate, locations)
+  if isinstance(keep_rate, (list, tuple)):
+    ratios = rates
   else:
-    ratios = rates = [float(r) for r in kr]
-    if len(ratios) != len(locs):
-      raise ValueError(f"token reducer {name!r}: {len(ratios)} keep rates for {len(locs)} "
-                       "locations")
-  if any(not 0.0 < r <= 1.0 for r in rates):
-    raise ValueError(f"token reducer {name!r}: keep_rate {kr} must lie in (0, 1]")
+    ratios = [rates[0] ** (s + 1) for s in range(len(locations))]
   counts = [int(num_patches * r) for r in ratios]
   if min(counts) < 1:
-    raise ValueError(f"token reducer {name!r}: keep_rate {kr} leaves no token at a location "
-                     f"(counts {counts} of {num_patches} patches)")
-  return locs, ratios, counts, {**dict(own), **opts}
+    raise ValueError(f"token reducer {name!r}: keep_rate {keep_rate} leaves no token at a "
+                     f"location (counts {counts} of {num_patches} patches)")
+  return ratios, counts
+
+
+def at_blocks(depth: int, by_block: Mapping) -> tuple:
+  """{block: kwargs} -> one entry per block (None where nothing happens)."""
+  return tuple(by_block.get(i) for i in range(depth))
+
+
+def score_norm_at(layout: Layout, block: int, given: Optional[str]) -> str:
+  """How a [CLS]-score reducer reads the row of the attention at `block` (zoo R4): as given,
+  else as that attention declares (a non-softmax row is renormalised)."""
+  if given is not None:
+    return given
+  return layout.attention[block].cls_score_norm if layout.attention else "none"
+
+
+# ----- selection by [CLS] score (EViT, Top-K, ATS) -----
+SCORE_NORMS = ("none", "row", "abs_row")
+
+
+def normalize_row(row, mode: str):
+  """Reads a non-softmax attention row like a softmax one (zoo R4); row [..., N] over all keys."""
+  if mode == "none":
+    return row
+  if mode == "abs_row":
+    row = jnp.abs(row)
+  elif mode != "row":
+    raise ValueError(f"unknown score_norm {mode!r}; valid: {SCORE_NORMS}")
+  return row / jnp.maximum(row.sum(-1, keepdims=True), 1e-12)
+
+
+def cls_scores(aux: dict, num_prefix: int, score_norm: str = "none"):
+  """[B, n] float32 scores of the non-prefix tokens: the head-mean [CLS] row minus its prefix."""
+  if "cls_probs" not in aux:
+    raise ValueError("EViT/Top-K need aux['cls_probs'] from the attention of their block")
+  row = normalize_row(aux["cls_probs"].astype(jnp.float32), score_norm)
+  return row[:, num_prefix:]
+
+
+def select(scores, k: int, keep_order: bool):
+  """Indices [B, k] of the k best scores: descending score order, or ascending token order."""
+  _, idx = jax.lax.top_k(jax.lax.stop_gradient(scores), k)
+  return jnp.sort(idx, axis=-1) if keep_order else idx
+
+
+def keep_prefix_and(idx, num_prefix: int):
+  """[B, k] image-token indices -> [B, p + k] token indices with the prefix first."""
+  prefix = jnp.broadcast_to(jnp.arange(num_prefix), (idx.shape[0], num_prefix))
+  return jnp.concatenate([prefix, idx + num_prefix], axis=1)
 
 
 def merge_state(state: TokenState, weights: jax.Array, num_prefix: int) -> TokenState:
@@ -140,4 +287,7 @@ def merge_state(state: TokenState, weights: jax.Array, num_prefix: int) -> Token
   if state.valid is not None:
     ones = jnp.ones(w.shape[:2], state.valid.dtype)
     out["valid"] = jnp.concatenate([state.valid[:, :p], ones], axis=1)
+  if state.index is not None:
+    made = jnp.full(w.shape[:2], -1, state.index.dtype)
+    out["index"] = jnp.concatenate([state.index[:, :p], made], axis=1)
   return TokenState(**out)

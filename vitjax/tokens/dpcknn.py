@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from vitjax.tokens import registry
-from vitjax.tokens.base import Reducer, cumulative_schedule, merge_state
+from vitjax.tokens.base import BEFORE_ATTENTION, DEFAULT_LOCATIONS, REQUIRED, Reducer, merge_state
 
 _dense = dict(kernel_init=nn.initializers.truncated_normal(0.02), bias_init=nn.initializers.zeros)
 
@@ -54,22 +54,16 @@ def merge_clusters(x, w, labels, m: int):
   return jnp.einsum("bmn,bnc->bmc", weights, x), onehot
 
 
-@registry.register("dpcknn", slot="pre",
-                   paper="DPC-KNN token clustering (TCFormer CTM; Haurum et al. 2023 benchmark)")
+@registry.register(
+    "dpcknn", paper="DPC-KNN token clustering (TCFormer CTM; Haurum et al. 2023 benchmark)")
 class DPCKNN(Reducer):
   count: int = 1          # M: clusters, floor(N0 * kr^s)
   k_neighbors: int = 5
   equal_weight: bool = False
 
-  @classmethod
-  def plan(cls, options, *, depth, num_patches, num_prefix):
-    locs, _, counts, own = cumulative_schedule(
-        "dpcknn", options, depth=depth, num_patches=num_patches,
-        own={"k_neighbors": 5, "equal_weight": False})
-    plan = [None] * depth
-    for loc, count in zip(locs, counts):
-      plan[loc] = dict(count=count, **own)
-    return plan
+  hook = BEFORE_ATTENTION
+  options = {"keep_rate": REQUIRED, "locations": DEFAULT_LOCATIONS, "k_neighbors": 5,
+             "equal_weight": False}
 
   @nn.compact
   def __call__(self, x, state, aux, *, deterministic=True):

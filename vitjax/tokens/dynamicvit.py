@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from vitjax.tokens import registry
-from vitjax.tokens.base import Reducer, cumulative_schedule, take_state, take_tokens
+from vitjax.tokens.base import (BEFORE_ATTENTION, DEFAULT_LOCATIONS, REQUIRED, Layout, Plan,
+                                Reducer, at_blocks, cumulative_counts, take_state, take_tokens)
 
 # timm's _init_weights, applied by the official model to the predictors
 _dense = dict(kernel_init=nn.initializers.truncated_normal(0.02), bias_init=nn.initializers.zeros)
@@ -60,7 +61,8 @@ def topk_keep(score, prev, count: int):
   return hard + soft - jax.lax.stop_gradient(soft)
 
 
-@registry.register("dynamicvit", slot="pre", paper="DynamicViT (Rao et al., NeurIPS 2021)")
+@registry.register("dynamicvit", paper="DynamicViT (Rao et al., NeurIPS 2021)",
+                   official="https://github.com/raoyongming/DynamicViT (models/dyvit.py)")
 class DynamicViT(Reducer):
   """One prediction module; the plan places one before each pruning block."""
   count: int = 1               # tokens kept at inference: floor(N0 * rho^s)
@@ -69,17 +71,20 @@ class DynamicViT(Reducer):
   ratio_weight: float = 2.0    # lambda_r (2.0 for DeiT-S in the official recipe, 5 for DeiT-B)
   train_decision: str = "gumbel"  # "topk": the inference decision as a training mask (tests)
 
+  hook = BEFORE_ATTENTION
+  options = {"keep_rate": REQUIRED, "locations": DEFAULT_LOCATIONS, "ratio_weight": 2.0,
+             "train_decision": "gumbel"}
+  choices = {"train_decision": DECISIONS}
+
   @classmethod
-  def plan(cls, options, *, depth, num_patches, num_prefix):
-    locs, ratios, counts, own = cumulative_schedule(
-        "dynamicvit", options, depth=depth, num_patches=num_patches,
-        own={"ratio_weight": 2.0, "train_decision": "gumbel"})
-    if own["train_decision"] not in DECISIONS:
-      raise ValueError(f"dynamicvit: train_decision {own['train_decision']!r}; valid: {DECISIONS}")
-    plan = [None] * depth
-    for loc, ratio, count in zip(locs, ratios, counts):
-      plan[loc] = dict(count=count, ratio=ratio, num_stages=len(locs), **own)
-    return plan
+  def plan(cls, options, layout: Layout) -> Plan:
+    opts = cls.parse(options, layout)
+    locs = opts.pop("locations")
+    ratios, counts = cumulative_counts("dynamicvit", opts.pop("keep_rate"), locs,
+                                       layout.num_patches)
+    return Plan(at_blocks(layout.depth, {
+        loc: dict(count=c, ratio=r, num_stages=len(locs), **opts)
+        for loc, r, c in zip(locs, ratios, counts)}))
 
   @nn.compact
   def __call__(self, x, state, aux, *, deterministic=True):

@@ -1,17 +1,17 @@
 """`none`: no token reduction (the plain ViT)."""
 from vitjax.tokens import registry
-from vitjax.tokens.base import Reducer
+from vitjax.tokens.base import Layout, Plan, Reducer
 
 
 @registry.register("none", paper="(no reduction)")
 class Identity(Reducer):
   """Keeps every token; plans no reduction anywhere."""
+  options = {}
 
   @classmethod
-  def plan(cls, options, *, depth, num_patches, num_prefix):
-    if options:
-      raise ValueError(f"token reducer 'none' takes no options, got {sorted(options)}")
-    return [None] * depth
+  def plan(cls, options, layout: Layout) -> Plan:
+    cls.parse(options, layout)
+    return Plan((None,) * layout.depth)
 
   def __call__(self, x, state, aux, *, deterministic=True):
     return x, state

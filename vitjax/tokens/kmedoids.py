@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from vitjax.tokens import registry
-from vitjax.tokens.base import Reducer, cumulative_schedule, merge_state, take_tokens
+from vitjax.tokens.base import (BEFORE_ATTENTION, DEFAULT_LOCATIONS, REQUIRED, Reducer, merge_state,
+                                take_tokens)
 
 UPDATES = ("haurum", "textbook")
 _MASKED_ROW = 1e6  # the benchmark masks non-members' distance rows with 1e6 before summing them
@@ -78,25 +79,18 @@ def kmedoids(x, w, m: int, iters: int, rule: str = "haurum", start=None):
   return idx, assign(dist, idx)
 
 
-@registry.register("kmedoids", needs=("attn",), slot="pre",
-                   paper="K-Medoids token clustering (Haurum et al. 2023 benchmark)")
+@registry.register("kmedoids", paper="K-Medoids token clustering (Haurum et al. 2023 benchmark)")
 class KMedoids(Reducer):
   count: int = 1              # M: medoids kept, floor(N0 * kr^s)
   cluster_iters: int = 3
   equal_weight: bool = False
   medoid_update: str = "haurum"
 
-  @classmethod
-  def plan(cls, options, *, depth, num_patches, num_prefix):
-    locs, _, counts, own = cumulative_schedule(
-        "kmedoids", options, depth=depth, num_patches=num_patches,
-        own={"cluster_iters": 3, "equal_weight": False, "medoid_update": "haurum"})
-    if own["medoid_update"] not in UPDATES:
-      raise ValueError(f"kmedoids: medoid_update {own['medoid_update']!r}; valid: {UPDATES}")
-    plan = [None] * depth
-    for loc, count in zip(locs, counts):
-      plan[loc] = dict(count=count, **own)
-    return plan
+  hook = BEFORE_ATTENTION
+  needs = ('attn',)
+  options = {"keep_rate": REQUIRED, "locations": DEFAULT_LOCATIONS, "cluster_iters": 3,
+             "equal_weight": False, "medoid_update": "haurum"}
+  choices = {"medoid_update": UPDATES}
 
   @nn.compact
   def __call__(self, x, state, aux, *, deterministic=True):

@@ -12,16 +12,15 @@ merges r tokens: floor(r/2) A -> B, then the rest from B into the unmerged A tok
 Deviation: the reference's default (one_step_ahead=1) runs the block on the merged attention map
 A' (rows/columns pooled) with V of the merged tokens; our attention modules take no external
 weights, so the block recomputes its attention on the merged tokens instead. That is the
-reference's "precise" mode (one_step_ahead=2); the ViT runs it through the "ahead" slot.
+reference's "precise" mode (one_step_ahead=2): a before-attention reducer that reads its own
+block's attention (`reads = OWN_BLOCK`).
 """
-from typing import ClassVar
-
 import jax
 import jax.numpy as jnp
 
 from vitjax.tokens import registry
-from vitjax.tokens.base import Reducer, TokenState, take_tokens
-from vitjax.tokens.evit import check_locations, check_options
+from vitjax.tokens.base import (BEFORE_ATTENTION, OWN_BLOCK, Layout, Plan, Reducer, TokenState,
+                                take_tokens)
 
 POOLINGS = ("attn", "size")
 
@@ -113,9 +112,9 @@ def merge_mean(t, w, step1, step2):
   return jnp.where(count > 1, mean, merge_sum(t, step1, step2))
 
 
-@registry.register("mctf", needs=("attn",), slot="ahead", needs_cls=True,
-                   paper="MCTF: Multi-criteria Token Fusion with One-step-ahead Attention "
-                         "(Lee et al., CVPR 2024)")
+@registry.register("mctf", paper="MCTF: Multi-criteria Token Fusion with One-step-ahead Attention "
+                                 "(Lee et al., CVPR 2024)",
+                   official="https://github.com/mlvlab/MCTF")
 class MCTF(Reducer):
   """Merges `r` tokens by similarity, informativeness and size before the block's attention."""
   r: int = 0
@@ -125,23 +124,29 @@ class MCTF(Reducer):
   bidirection: bool = True
   pooling: str = "attn"   # "attn": weights = attention received x size (type 1); "size" (type 0)
 
-  options: ClassVar[tuple] = ("r", "locations", "tau_sim", "tau_info", "tau_size", "bidirection",
-                              "pooling")
+  needs = ("attn",)
+  hook = BEFORE_ATTENTION
+  reads = OWN_BLOCK
+  needs_cls = True
+  # locations None: blocks 1..depth-1; prop_attn on, as in the official run scripts
+  options = {"r": 16, "locations": None, "tau_sim": 1.0, "tau_info": 20.0, "tau_size": 40.0,
+             "bidirection": True, "pooling": "attn", "prop_attn": True}
+  choices = {"pooling": POOLINGS}
 
   @classmethod
-  def plan(cls, options, *, depth, num_patches, num_prefix):
-    check_options("mctf", options, cls.options)
-    if num_prefix != 1:
-      raise ValueError("mctf supports a [CLS]-only prefix (no distillation token or registers), "
-                       "as the reference")
-    if options.get("pooling", "attn") not in POOLINGS:
-      raise ValueError(f"mctf.pooling must be one of {POOLINGS}")
-    locations = check_locations("mctf", options.get("locations", range(1, depth)), depth)
+  def plan(cls, options, layout: Layout) -> Plan:
+    opts = cls.parse(options, layout)
+    if layout.num_prefix != 1:
+      raise ValueError("token reducer 'mctf' supports a [CLS]-only prefix (no distillation token "
+                       "or registers), as the reference")
+    locations = opts.pop("locations") or tuple(range(1, layout.depth))
     if locations and locations[0] == 0:
-      raise ValueError("mctf cannot act at block 0 (the reference activates blocks 1..depth-1)")
-    rs = mctf_counts(options.get("r", 16), locations, depth, num_prefix + num_patches, num_prefix)
-    kw = {k: options[k] for k in cls.options[2:] if k in options}
-    return [dict(r=r, **kw) if r > 0 else None for r in rs]
+      raise ValueError("token reducer 'mctf' cannot act at block 0 (the reference activates "
+                       "blocks 1..depth-1)")
+    rs = mctf_counts(opts.pop("r"), locations, layout.depth,
+                     layout.num_prefix + layout.num_patches, layout.num_prefix)
+    prop_attn = bool(opts.pop("prop_attn"))
+    return Plan(tuple(dict(r=r, **opts) if r > 0 else None for r in rs), prop_attn=prop_attn)
 
   def __call__(self, x, state, aux, *, deterministic=True):
     attn = jax.lax.stop_gradient(aux["attn"].astype(jnp.float32))  # no gradient in the reference
@@ -167,4 +172,9 @@ class MCTF(Reducer):
     valid = None
     if state.valid is not None:
       valid = merge_sum(state.valid.astype(jnp.float32), step1, step2) > 0
-    return TokenState(size=summed(state.size), source=summed(state.source), pos=pos, valid=valid)
+    index = None
+    if state.index is not None:  # a token that absorbed others is a new one
+      alone = merge_sum(jnp.ones(state.size.shape, jnp.int32), step1, step2) == 1
+      index = jnp.where(alone, merge_sum(state.index, step1, step2), -1)
+    return TokenState(size=summed(state.size), source=summed(state.source), pos=pos,
+                      valid=valid, index=index)

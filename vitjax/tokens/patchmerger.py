@@ -12,23 +12,18 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from vitjax.tokens import registry
-from vitjax.tokens.base import Reducer, cumulative_schedule, merge_state
+from vitjax.tokens.base import BEFORE_ATTENTION, DEFAULT_LOCATIONS, REQUIRED, Reducer, merge_state
 
 
-@registry.register("patchmerger", slot="pre", soft=True,
-                   paper="PatchMerger (Renggli et al. 2022); Haurum et al. 2023 benchmark")
+@registry.register(
+    "patchmerger", paper="PatchMerger (Renggli et al. 2022); Haurum et al. 2023 benchmark")
 class PatchMerger(Reducer):
   count: int = 1           # M: output tokens, floor(N0 * kr^s)
   scaled: bool = False     # logits scaled by D^-1/2 (the benchmark's `scaled_attention`)
 
-  @classmethod
-  def plan(cls, options, *, depth, num_patches, num_prefix):
-    locs, _, counts, own = cumulative_schedule("patchmerger", options, depth=depth,
-                                               num_patches=num_patches, own={"scaled": False})
-    plan = [None] * depth
-    for loc, count in zip(locs, counts):
-      plan[loc] = dict(count=count, **own)
-    return plan
+  hook = BEFORE_ATTENTION
+  soft = True
+  options = {"keep_rate": REQUIRED, "locations": DEFAULT_LOCATIONS, "scaled": False}
 
   @nn.compact
   def __call__(self, x, state, aux, *, deterministic=True):

@@ -1,4 +1,4 @@
-"""Name -> token reducer, with what each needs from the attention layers."""
+"""Name -> token reducer. An entry is the method's fact sheet; its contract lives on the class."""
 import dataclasses
 from typing import Any, Mapping
 
@@ -7,23 +7,26 @@ _REGISTRY: dict = {}
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
+  """The registered facts of a reducer: its class (whose class variables declare the contract:
+  needs, hook, reads, needs_cls, needs_grid, soft, options, choices), the paper and official code."""
   name: str
   cls: Any
-  needs: tuple        # aux fields read from attention (e.g. ("cls_probs",))
-  slot: str           # "mid" or "pre"
-  needs_cls: bool     # needs a [CLS] token
-  needs_grid: bool    # needs raster-ordered tokens at its location
-  soft: bool          # soft merge: defines no sizes afterwards
   paper: str = ""
+  official: str = ""   # the code the method follows (URL)
+
+  def __getattr__(self, field):  # needs, hook, reads, needs_cls, ...: read from the contract
+    if field.startswith("__"):
+      raise AttributeError(field)
+    return getattr(self.cls, field)
 
 
-def register(name: str, *, needs=(), slot: str = "mid", needs_cls: bool = False,
-             needs_grid: bool = False, soft: bool = False, paper: str = ""):
+def register(name: str, *, paper: str = "", official: str = ""):
+  """Class decorator: makes `name` selectable as `config.model.tokens.name`."""
   def deco(cls):
     if name in _REGISTRY:
       raise ValueError(f"token reducer {name!r} registered twice")
-    cls.needs, cls.slot = tuple(needs), slot
-    _REGISTRY[name] = Entry(name, cls, tuple(needs), slot, needs_cls, needs_grid, soft, paper)
+    cls.name_in_registry = name
+    _REGISTRY[name] = Entry(name, cls, paper, official)
     return cls
   return deco
 

@@ -6,14 +6,17 @@ distinct token-count tuple is one compile, so the trainer rounds the keep rate t
 
   kr = quantize(keep_rate_at(step, steps_per_epoch=..., target=0.7), grid=0.02, target=0.7)
 
-and rebuilds the model (and its step function) whenever kr changes. `count_buckets` predicts the
-number of distinct count tuples (= compiles) of a run; `choose_grid` picks the finest grid that
-stays within `max_buckets`.
+and runs one static model (and step function) per distinct token-count tuple. `count_buckets`
+predicts the number of distinct count tuples (= compiles) of a run; `choose_grid` picks the finest
+grid that stays within `max_buckets`; `Warmup` is the whole schedule of a run, computed once.
 """
+import bisect
+import dataclasses
 import math
 from typing import Callable, Optional, Sequence
 
-from vitjax.tokens.evit import DEFAULT_LOCATIONS, evit_counts
+from vitjax.tokens.base import DEFAULT_LOCATIONS
+from vitjax.tokens.evit import evit_counts
 
 GRIDS = (0.01, 0.02, 0.025, 0.05, 0.1)  # candidate grids for choose_grid, finest first
 
@@ -87,3 +90,55 @@ def choose_grid(*, target: float, steps_per_epoch: int, max_buckets: int = 16,
       return grid
   raise ValueError(f"no grid in {tuple(grids)} keeps keep rate {target} within {max_buckets} "
                    "shapes; raise max_buckets or pass coarser grids")
+
+
+WARMUP_DEFAULTS = {"start_epoch": 10, "ramp_epochs": 100, "max_buckets": 16, "grid": None}
+
+
+@dataclasses.dataclass(frozen=True)
+class Warmup:
+  """A run's keep-rate warm-up as pieces of constant token counts, computed once.
+
+  Piece i covers the steps from starts[i] on and trains the model whose reducer options are
+  updated with overrides[i] (its keep rate); the model of the last piece is the target one.
+  """
+  starts: tuple
+  overrides: tuple
+  grid: float
+
+  @property
+  def num_pieces(self) -> int:
+    return len(self.starts)
+
+  def piece(self, step: int) -> int:
+    return bisect.bisect_right(self.starts, step) - 1
+
+  @classmethod
+  def build(cls, reducer, options: dict, layout, *, steps_per_epoch: int) -> "Warmup":
+    """options: the parsed options of `reducer` (keep_rate: the target; warmup: the schedule)."""
+    cfg = dict(options["warmup"])
+    unknown = sorted(set(cfg) - set(WARMUP_DEFAULTS))
+    if unknown:
+      raise ValueError(f"tokens.warmup has no option(s) {unknown}; valid: {sorted(WARMUP_DEFAULTS)}")
+    cfg = {**WARMUP_DEFAULTS, **cfg}
+    target = options["keep_rate"]
+    if not isinstance(target, (int, float)):
+      raise ValueError(f"tokens.warmup needs one target keep_rate, got {target!r}")
+    plans = {}
+
+    def counts(kr):  # the static shapes at keep rate kr: one compile each
+      if kr not in plans:
+        plans[kr] = repr(reducer.plan({**options, "keep_rate": kr}, layout).blocks)
+      return plans[kr]
+    kw = dict(steps_per_epoch=steps_per_epoch, start_epoch=cfg["start_epoch"],
+              ramp_epochs=cfg["ramp_epochs"])
+    grid = cfg["grid"] or choose_grid(target=target, max_buckets=cfg["max_buckets"],
+                                      counts_fn=counts, **kw)
+    starts, overrides, last = [], [], None
+    for step in range(steps_per_epoch * (cfg["start_epoch"] + cfg["ramp_epochs"]) + 1):
+      kr = quantize(keep_rate_at(step, target=target, **kw), grid, target=target)
+      if counts(kr) != last:
+        starts.append(step)
+        overrides.append({"keep_rate": kr})
+        last = counts(kr)
+    return cls(tuple(starts), tuple(overrides), grid)

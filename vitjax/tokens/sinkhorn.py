@@ -13,7 +13,7 @@ import flax.linen as nn
 
 from vitjax.attention.base import l2_normalize
 from vitjax.tokens import registry
-from vitjax.tokens.base import Reducer, cumulative_schedule, merge_state
+from vitjax.tokens.base import BEFORE_ATTENTION, DEFAULT_LOCATIONS, REQUIRED, Reducer, merge_state
 
 
 def unit_sphere(key, shape, dtype=jnp.float32):
@@ -40,22 +40,15 @@ def log_sinkhorn(scores, eps: float, iters: int):
   return jnp.exp(z + u[:, :, None] + v[:, None, :] - norm)
 
 
-@registry.register("sinkhorn", slot="pre", soft=True,
-                   paper="Sinkhorn token clustering (Haurum et al. 2023 benchmark)")
+@registry.register("sinkhorn", paper="Sinkhorn token clustering (Haurum et al. 2023 benchmark)")
 class Sinkhorn(Reducer):
   count: int = 1          # M: output tokens, floor(N0 * kr^s)
   sinkhorn_eps: float = 1.0
   iters: int = 3          # the benchmark's cluster_iters
 
-  @classmethod
-  def plan(cls, options, *, depth, num_patches, num_prefix):
-    locs, _, counts, own = cumulative_schedule(
-        "sinkhorn", options, depth=depth, num_patches=num_patches,
-        own={"sinkhorn_eps": 1.0, "iters": 3})
-    plan = [None] * depth
-    for loc, count in zip(locs, counts):
-      plan[loc] = dict(count=count, **own)
-    return plan
+  hook = BEFORE_ATTENTION
+  soft = True
+  options = {"keep_rate": REQUIRED, "locations": DEFAULT_LOCATIONS, "sinkhorn_eps": 1.0, "iters": 3}
 
   @nn.compact
   def __call__(self, x, state, aux, *, deterministic=True):

@@ -11,25 +11,20 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from vitjax.tokens import registry
-from vitjax.tokens.base import Reducer, cumulative_schedule, merge_state
+from vitjax.tokens.base import BEFORE_ATTENTION, DEFAULT_LOCATIONS, REQUIRED, Reducer, merge_state
 
 _dense = dict(kernel_init=nn.initializers.truncated_normal(0.02), bias_init=nn.initializers.zeros)
 
 
-@registry.register("sit", slot="pre", soft=True,
-                   paper="SiT token slimming (Zong et al. 2022); Haurum et al. 2023 benchmark")
+@registry.register(
+    "sit", paper="SiT token slimming (Zong et al. 2022); Haurum et al. 2023 benchmark")
 class SiT(Reducer):
   count: int = 1            # M: output tokens, floor(N0 * kr^s)
   hidden_ratio: float = 0.5
 
-  @classmethod
-  def plan(cls, options, *, depth, num_patches, num_prefix):
-    locs, _, counts, own = cumulative_schedule("sit", options, depth=depth,
-                                               num_patches=num_patches, own={"hidden_ratio": 0.5})
-    plan = [None] * depth
-    for loc, count in zip(locs, counts):
-      plan[loc] = dict(count=count, **own)
-    return plan
+  hook = BEFORE_ATTENTION
+  soft = True
+  options = {"keep_rate": REQUIRED, "locations": DEFAULT_LOCATIONS, "hidden_ratio": 0.5}
 
   @nn.compact
   def __call__(self, x, state, aux, *, deterministic=True):

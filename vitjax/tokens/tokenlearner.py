@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from vitjax.tokens import registry
-from vitjax.tokens.base import Reducer, merge_state
+from vitjax.tokens.base import (BEFORE_ATTENTION, Layout, Plan, Reducer, at_blocks, cumulative_counts,
+                                merge_state)
 
 DEFAULT_TOKENS = 8  # scenic's EncoderMod default (small models); the ImageNet config uses 16
 # scenic's MlpBlock initialisation
@@ -101,61 +102,24 @@ class TokenFuser(nn.Module):
     return nn.Dropout(self.dropout)(out, deterministic=deterministic)
 
 
-def plan_tokenlearner(name: str, options: dict, depth: int, num_patches: int, grid_needed: bool):
-  """Options: num_tokens (int or one per location; default 8) or keep_rate (cumulative counts
-  floor(N0 * kr^s)); locations (default: 3/4 of the depth, block 9 of 12 as in the scenic config);
-  fuser; bottleneck; dropout; sum_pooling (v1.0)."""
-  own = {"fuser": False, "bottleneck": 64, "dropout": 0.0}
-  if grid_needed:
-    own["sum_pooling"] = True
-  opts = dict(options)
-  valid = {"num_tokens", "keep_rate", "locations", *own}
-  if set(opts) - valid:
-    raise ValueError(f"token reducer {name!r} has no option(s) {sorted(set(opts) - valid)}; "
-                     f"valid: {sorted(valid)}")
-  locs = tuple(int(l) for l in opts.pop("locations", (depth * 3 // 4,)))
-  if not locs or any(not 0 <= l < depth for l in locs) or list(locs) != sorted(set(locs)):
-    raise ValueError(f"{name}: locations {locs} must be increasing block indices in 0..{depth - 1}")
-  counts = learned_counts(name, opts, len(locs), num_patches)
-  own.update(opts)
-  if own["fuser"] and len(locs) != 1:
-    raise ValueError(f"{name}: with fuser=True give one location (learn and fuse at every block "
-                     f"from there on), got {locs}")
-  if grid_needed and len(locs) != 1 and not own["fuser"]:
-    raise ValueError(f"{name} (v1.0) needs the token grid, which exists only at its first "
-                     f"location; give one location, got {locs}")
-  side = math.isqrt(num_patches)
-  if grid_needed and side * side != num_patches:
-    raise ValueError(f"{name} (v1.0) needs a square token grid, got {num_patches} patches")
-  plan = [None] * depth
-  blocks = range(locs[0], depth) if own["fuser"] else locs
-  for i, loc in enumerate(blocks):
-    kw = dict(count=counts[0 if own["fuser"] else i], num_patches=num_patches, **own)
-    if grid_needed:
-      kw["grid"] = (side, side)
-    plan[loc] = kw
-  return plan
-
-
 def learned_counts(name: str, opts: dict, n_locs: int, num_patches: int) -> list:
-  """S per location from `num_tokens` or from a cumulative `keep_rate` (pops both from opts)."""
-  if "num_tokens" in opts and "keep_rate" in opts:
-    raise ValueError(f"{name}: give num_tokens or keep_rate, not both")
-  if "keep_rate" in opts:
-    kr = float(opts.pop("keep_rate"))
-    if not 0.0 < kr <= 1.0:
-      raise ValueError(f"{name}: keep_rate {kr} must lie in (0, 1]")
-    counts = [int(num_patches * kr ** (s + 1)) for s in range(n_locs)]
-  else:
-    s = opts.pop("num_tokens", DEFAULT_TOKENS)
-    counts = [int(c) for c in s] if isinstance(s, (tuple, list)) else [int(s)] * n_locs
+  """S per location from `num_tokens` or from a cumulative `keep_rate`."""
+  if opts["num_tokens"] is not None and opts["keep_rate"] is not None:
+    raise ValueError(f"token reducer {name!r}: give num_tokens or keep_rate, not both")
+  if opts["keep_rate"] is not None:
+    if isinstance(opts["keep_rate"], (list, tuple)):
+      raise ValueError(f"token reducer {name!r}: keep_rate is one float (cumulative counts)")
+    return cumulative_counts(name, opts["keep_rate"], (0,) * n_locs, num_patches)[1]
+  s = DEFAULT_TOKENS if opts["num_tokens"] is None else opts["num_tokens"]
+  counts = [int(c) for c in s] if isinstance(s, (tuple, list)) else [int(s)] * n_locs
   if len(counts) != n_locs or min(counts) < 1:
-    raise ValueError(f"{name}: learned token counts {counts} for {n_locs} location(s)")
+    raise ValueError(f"token reducer {name!r}: learned token counts {counts} for {n_locs} "
+                     "location(s)")
   return counts
 
 
-@registry.register("tokenlearner", slot="pre", soft=True,
-                   paper="TokenLearner v1.1 (Ryoo et al., NeurIPS 2021; scenic)")
+@registry.register("tokenlearner", paper="TokenLearner v1.1 (Ryoo et al., NeurIPS 2021; scenic)",
+                   official="https://github.com/google-research/scenic (projects/token_learner)")
 class TokenLearner(Reducer):
   """Learns `count` tokens from the image tokens; with `fuser`, maps them back after the block."""
   count: int = DEFAULT_TOKENS
@@ -164,9 +128,36 @@ class TokenLearner(Reducer):
   bottleneck: int = 64
   dropout: float = 0.0
 
+  hook = BEFORE_ATTENTION
+  soft = True
+  # num_tokens: int or one per location (default 8) or keep_rate (cumulative counts floor(N0 *
+  # kr^s)); locations None: 3/4 of the depth (block 9 of 12 as in the scenic config)
+  options = {"num_tokens": None, "keep_rate": None, "locations": None, "fuser": False,
+             "bottleneck": 64, "dropout": 0.0}
+
   @classmethod
-  def plan(cls, options, *, depth, num_patches, num_prefix):
-    return plan_tokenlearner("tokenlearner", options, depth, num_patches, grid_needed=False)
+  def plan(cls, options, layout: Layout) -> Plan:
+    name, opts = cls.name_in_registry, cls.parse(options, layout)
+    depth, num_patches = layout.depth, layout.num_patches
+    locs = opts.pop("locations") or (depth * 3 // 4,)
+    counts = learned_counts(name, opts, len(locs), num_patches)
+    del opts["num_tokens"], opts["keep_rate"]
+    if opts["fuser"] and len(locs) != 1:
+      raise ValueError(f"token reducer {name!r}: with fuser=True give one location (learn and "
+                       f"fuse at every block from there on), got {locs}")
+    if cls.needs_grid and len(locs) != 1 and not opts["fuser"]:
+      raise ValueError(f"token reducer {name!r} (v1.0) needs the token grid, which exists only at "
+                       f"its first location; give one location, got {locs}")
+    if cls.needs_grid:
+      side = math.isqrt(num_patches)
+      if side * side != num_patches:
+        raise ValueError(f"token reducer {name!r} (v1.0) needs a square token grid, got "
+                         f"{num_patches} patches")
+      opts["grid"] = (side, side)
+    blocks = range(locs[0], depth) if opts["fuser"] else locs
+    return Plan(at_blocks(depth, {
+        loc: dict(count=counts[0 if opts["fuser"] else i], num_patches=num_patches, **opts)
+        for i, loc in enumerate(blocks)}))
 
   def make_learner(self):
     return TokenLearnerV11(self.count, self.bottleneck, self.dropout, self.dtype)
@@ -181,33 +172,29 @@ class TokenLearner(Reducer):
     if self.fuser and x.shape[1] != p + self.num_patches:
       raise ValueError(f"TokenFuser blocks expect the {self.num_patches} image tokens to be "
                        f"restored after each block, got {x.shape[1] - p}; the model must call "
-                       "`fuse_back` after the block")
+                       "`after_block` after the block")
     y, weights = self.learner(x[:, p:], deterministic)
     return jnp.concatenate([x[:, :p], y], axis=1), merge_state(state, weights, p)
 
-  # The model calls this after the block when `fuses_back` is true.
-  @property
-  def fuses_back(self) -> bool:
-    return self.fuser
-
-  def fuse_back(self, x, state, x_before, state_before, *, deterministic=True):
-    """x [B, p+S, D] after the block; x_before/state_before: the block's input before learning."""
-    p = self.num_prefix
+  def after_block(self, x, state, before, *, deterministic=True):
+    """TokenFuser: x [B, p+S, D] after the block -> the block's input tokens, updated."""
+    if not self.fuser:
+      return x, state
+    (x_before, state_before), p = before, self.num_prefix
     res = x_before[:, p:]
     img = self.token_fuser(x[:, p:], res, deterministic) + res
     return jnp.concatenate([x[:, :p], img], axis=1), state_before
 
 
-@registry.register("tokenlearner_v1", slot="pre", soft=True, needs_grid=True,
-                   paper="TokenLearner v1.0 (Ryoo et al., NeurIPS 2021; scenic)")
+@registry.register("tokenlearner_v1", paper="TokenLearner v1.0 (Ryoo et al., NeurIPS 2021; scenic)",
+                   official="https://github.com/google-research/scenic (projects/token_learner)")
 class TokenLearnerV1(TokenLearner):
   """v1.0: convolutional spatial maps with a sigmoid; needs the grid at its location."""
   grid: Optional[tuple] = None
   sum_pooling: bool = True
 
-  @classmethod
-  def plan(cls, options, *, depth, num_patches, num_prefix):
-    return plan_tokenlearner("tokenlearner_v1", options, depth, num_patches, grid_needed=True)
+  needs_grid = True
+  options = {**TokenLearner.options, "sum_pooling": True}
 
   def make_learner(self):
     return TokenLearnerV10(self.count, tuple(self.grid), self.sum_pooling, self.dtype)

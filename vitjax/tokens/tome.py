@@ -3,17 +3,16 @@
 In every block, after the attention residual: split the tokens by parity (A = even, B = odd),
 match each A token to its most similar B token (cosine of the head-mean keys), merge the r best
 matched A tokens into their B partners (size-weighted average) and keep the others. Prefix tokens
-are never merged. `prop_attn=True` (a model option) adds log(size) to the attention logits.
+are never merged. `prop_attn=True` (the official default; False switches it off) adds log(size)
+to the attention logits of every later block.
 """
-from typing import ClassVar
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vitjax.tokens import registry
-from vitjax.tokens.base import Reducer, TokenState, take_tokens
-from vitjax.tokens.evit import DEFAULT_LOCATIONS, check_locations, check_options, per_location
+from vitjax.tokens.base import (DEFAULT_LOCATIONS, Layout, Plan, Reducer, TokenState, per_location,
+                                take_tokens)
 
 METRICS = ("keys", "x")
 
@@ -130,37 +129,48 @@ def merge_state(state: TokenState, unm, src, dst, num_prefix: int) -> TokenState
   valid = None
   if state.valid is not None:
     valid = merge_sum(state.valid.astype(jnp.float32), unm, src, dst, num_prefix) > 0
-  return TokenState(size=summed(state.size), source=summed(state.source), pos=pos, valid=valid)
+  index = None
+  if state.index is not None:  # a token that absorbed others is a new one
+    alone = merge_sum(jnp.ones(state.size.shape, jnp.int32), unm, src, dst, num_prefix) == 1
+    index = jnp.where(alone, merge_sum(state.index, unm, src, dst, num_prefix), -1)
+  return TokenState(size=summed(state.size), source=summed(state.source), pos=pos, valid=valid,
+                    index=index)
 
 
-@registry.register("tome", needs=("key_metric",), slot="mid",
-                   paper="ToMe: Token Merging: Your ViT but Faster (Bolya et al., ICLR 2023)")
+@registry.register("tome", paper="ToMe: Token Merging: Your ViT but Faster (Bolya et al., ICLR 2023)",
+                   official="https://github.com/facebookresearch/ToMe (tome/merge.py, "
+                            "tome/patch/timm.py)")
 class ToMe(Reducer):
   """Merges `r` tokens into their most similar partners (size-weighted average)."""
   r: int = 0
   metric: str = "keys"   # "keys": head-mean keys of this block; "x": the tokens themselves
 
-  options: ClassVar[tuple] = ("r", "inflect", "metric", "keep_rate", "locations")
+  needs = ("key_metric",)
+  # prop_attn: the official `apply_patch(model, prop_attn=True)` default
+  options = {"r": None, "inflect": 0.0, "metric": "keys", "keep_rate": None, "locations": None,
+             "prop_attn": True}
+  choices = {"metric": METRICS}
 
   @classmethod
-  def plan(cls, options, *, depth, num_patches, num_prefix):
-    check_options("tome", options, cls.options)
-    metric = options.get("metric", "keys")
-    if metric not in METRICS:
-      raise ValueError(f"tome.metric must be one of {METRICS}, got {metric!r}")
-    if "keep_rate" in options:
-      if "r" in options:
-        raise ValueError("tome takes either r (per block) or keep_rate (+ locations), not both")
-      locations = check_locations("tome", options.get("locations", DEFAULT_LOCATIONS), depth)
+  def plan(cls, options, layout: Layout) -> Plan:
+    opts = cls.parse(options, layout)
+    depth, num_patches = layout.depth, layout.num_patches
+    if opts["keep_rate"] is not None:
+      if opts["r"] is not None:
+        raise ValueError("token reducer 'tome' takes either r (per block) or keep_rate "
+                         "(+ locations), not both")
+      locations = opts["locations"] or DEFAULT_LOCATIONS
       rs = [0] * depth
-      for loc, r in zip(locations, haurum_rs(options["keep_rate"], locations, num_patches)):
+      for loc, r in zip(locations, haurum_rs(opts["keep_rate"], locations, num_patches)):
         rs[loc] = r
     else:
-      if "locations" in options:
-        raise ValueError("tome.locations goes with keep_rate; with r, ToMe merges in every block")
-      rs = parse_r(depth, options.get("r", 0), float(options.get("inflect", 0.0)))
-    rs = merge_counts(rs, num_prefix + num_patches, num_prefix)
-    return [dict(r=r, metric=metric) if r > 0 else None for r in rs]
+      if opts["locations"] is not None:
+        raise ValueError("token reducer 'tome': locations goes with keep_rate; with r, ToMe "
+                         "merges in every block")
+      rs = parse_r(depth, opts["r"] or 0, float(opts["inflect"]))
+    rs = merge_counts(rs, layout.num_prefix + num_patches, layout.num_prefix)
+    return Plan(tuple(dict(r=r, metric=opts["metric"]) if r > 0 else None for r in rs),
+                prop_attn=bool(opts["prop_attn"]))
 
   def __call__(self, x, state, aux, *, deterministic=True):
     metric = x if self.metric == "x" else aux["key_metric"]

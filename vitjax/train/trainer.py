@@ -44,8 +44,11 @@ def cross_entropy(logits, labels, num_classes: int, smoothing: float = 0.0):
   return optax.softmax_cross_entropy(logits.astype(jnp.float32), onehot)
 
 
-def make_train_step(model, tx, config):
+def make_train_step(model, tx, config, total_steps=None):
   """One optimizer update on a global batch, optionally accumulated over micro-batches.
+
+  The model sees the step and, given `total_steps`, the training progress step / total_steps (for
+  mechanisms with a schedule inside, such as a soft causal mask).
 
   Metrics include `train/nonfinite` (1.0 when the loss or a gradient is not finite). With
   `skip_nonfinite_steps=True` such an update is dropped inside the step (the state keeps its old
@@ -55,14 +58,15 @@ def make_train_step(model, tx, config):
   accum = config.optimizer.get("grad_accum_steps", 1)
   smoothing = config.get("label_smoothing", 0.0)
   skip_nonfinite = config.get("skip_nonfinite_steps", False)
-  nan_at = config.get("debug_nan_at_step")  # tests: poisons the loss of this (1-based) step
 
-  def loss_fn(params, batch_stats, images, labels, rng, scale=1.0):
+  def loss_fn(params, batch_stats, images, labels, rng, step):
+    progress = None if total_steps is None else step.astype(jnp.float32) / total_steps
     (logits, out), extra = model.apply(variables(params, batch_stats), images, train=True,
-                                       rngs={"dropout": rng}, mutable=["losses", "batch_stats"])
+                                       step=step, progress=progress, rngs={"dropout": rng},
+                                       mutable=["losses", "batch_stats"])
     # labels: int [B], soft [B, C] (mixup) or with the teacher's logits (distillation)
     loss = recipe.train_loss(logits, out, labels, model.num_classes, smoothing, config)
-    loss = loss.mean() * scale
+    loss = loss.mean()
     # Reducers such as DynamicViT sow their own (already weighted) losses.
     aux_loss = sum(jnp.sum(v) for v in jax.tree_util.tree_leaves(extra.get("losses", {})))
     return loss + aux_loss, (loss, logits, extra.get("batch_stats", batch_stats))
@@ -72,10 +76,9 @@ def make_train_step(model, tx, config):
   def step_fn(state: TrainState, batch):
     rng = jax.random.fold_in(state.rng, state.step)
     images, labels = batch["image"], recipe.targets(batch)
-    scale = 1.0 if nan_at is None else jnp.where(state.step + 1 == nan_at, jnp.nan, 1.0)
     if accum == 1:
       (_, (loss, logits, stats)), grads = grad_fn(state.params, state.batch_stats, images, labels,
-                                                  rng, scale)
+                                                  rng, state.step)
       correct = jnp.mean(jnp.argmax(logits, -1) == recipe.hard_labels(labels))
     else:
       micro = lambda x: x.reshape(accum, -1, *x.shape[1:])
@@ -85,7 +88,7 @@ def make_train_step(model, tx, config):
         g_sum, l_sum, c_sum, stats = carry
         i, im, lb = xs
         (_, (l, lg, stats)), g = grad_fn(state.params, stats, im, lb, jax.random.fold_in(rng, i),
-                                         scale)
+                                         state.step)
         g_sum = jax.tree_util.tree_map(jnp.add, g_sum, g)
         hits = jnp.argmax(lg, -1) == recipe.hard_labels(lb)
         return (g_sum, l_sum + l, c_sum + jnp.mean(hits), stats), None
@@ -159,48 +162,11 @@ def check_batch(config, mesh):
                      f"{jax.process_count()} processes")
 
 
-def build_model(config, data_info, keep_rate=None):
-  """The model of `config`; with `keep_rate`, its token reducer uses that keep rate instead."""
+def build_model(config, data_info):
+  """The model of `config`, for the data set described by `data_info`."""
   image_size = config.get("image_size") or data_info.image_shape[:2]
-  model_cfg = config.model
-  if keep_rate is not None:
-    model_cfg = model_cfg.copy_and_resolve_references()
-    model_cfg.tokens.keep_rate = keep_rate
-  return models.build(model_cfg, num_classes=data_info.num_classes, image_size=image_size,
+  return models.build(config.model, num_classes=data_info.num_classes, image_size=image_size,
                       dtype=config.get("dtype", "float32"))
-
-
-class KeepRateSchedule:
-  """EViT's keep-rate warm-up, quantised so that a run compiles a bounded number of step functions.
-
-  config.keep_rate_schedule = dict(start_epoch=10, ramp_epochs=100, max_buckets=16, grid=None)
-  (grid None: the finest grid whose run stays within max_buckets shapes).
-  """
-
-  def __init__(self, config, steps_per_epoch: int, shapes_fn=None):
-    """shapes_fn(kr) -> hashable static shapes of the model at keep rate kr (one compile each)."""
-    from vitjax.tokens import schedule  # pylint: disable=import-outside-toplevel
-    self.lib, self.cfg = schedule, config.get("keep_rate_schedule")
-    self.steps_per_epoch = steps_per_epoch
-    self.target = config.model.tokens.get("keep_rate") if self.cfg else None
-    if self.cfg and self.target is None:
-      raise ValueError("keep_rate_schedule needs config.model.tokens.keep_rate (the target)")
-    if self.cfg:
-      kw = dict(steps_per_epoch=steps_per_epoch, start_epoch=self.cfg.get("start_epoch", 10),
-                ramp_epochs=self.cfg.get("ramp_epochs", 100))
-      self.kw = kw
-      self.grid = self.cfg.get("grid") or schedule.choose_grid(
-          target=self.target, max_buckets=self.cfg.get("max_buckets", 16), counts_fn=shapes_fn,
-          **kw)
-      self.num_buckets = schedule.count_buckets(target=self.target, grid=self.grid,
-                                                counts_fn=shapes_fn, **kw)
-
-  def __call__(self, step: int):
-    """The quantised keep rate at `step`, or None without a schedule."""
-    if not self.cfg:
-      return None
-    kr = self.lib.keep_rate_at(step, target=self.target, **self.kw)
-    return self.lib.quantize(kr, self.grid, target=self.target)
 
 
 def state_spec(model, tx, config, mesh, image_shape):
@@ -274,24 +240,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
   n_params = models.num_params(abstract.params)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   extras = recipe.Recipe(config, model, info, batch_sharding)
-  def shapes(kr):  # the static token counts of the model at keep rate kr
-    return repr(build_model(config, info, keep_rate=kr).reduction_plan())
-
-  keep_rate_at = KeepRateSchedule(config, steps["steps_per_epoch"], shapes)
-  step_fns = {}  # static shapes -> compiled step; one entry without a keep-rate schedule
+  # A reducer with a training-time schedule (EViT's keep-rate warm-up) declares it as pieces of
+  # constant token counts: one model, and one step function compiled on first use, per piece.
+  warmup = model.token_warmup(steps["steps_per_epoch"])
+  step_fns = {}
 
   def train_step(state, batch, step: int):
-    kr = keep_rate_at(step)  # the host's step counter: no device sync
-    key = None if kr is None else shapes(kr)
-    if key not in step_fns:
-      m = model if kr is None else build_model(config, info, keep_rate=kr)
-      step_fns[key] = jax.jit(make_train_step(m, tx, config),
-                              in_shardings=(state_shardings, batch_sharding),
-                              out_shardings=(state_shardings, None), donate_argnums=(0,))
-      if kr is not None:
-        say(f"keep rate {kr}: step function {len(step_fns)} of "
-            f"{keep_rate_at.num_buckets} (grid {keep_rate_at.grid})")
-    return step_fns[key](state, batch)
+    piece = 0 if warmup is None else warmup.piece(step)  # the host's step counter: no device sync
+    if piece not in step_fns:
+      m = model if warmup is None else model.with_tokens(warmup.overrides[piece])
+      step_fns[piece] = jax.jit(make_train_step(m, tx, config, steps["total"]),
+                                in_shardings=(state_shardings, batch_sharding),
+                                out_shardings=(state_shardings, None), donate_argnums=(0,))
+      if warmup is not None:
+        say(f"tokens {warmup.overrides[piece]}: step function {piece + 1} of "
+            f"{warmup.num_pieces} (grid {warmup.grid})")
+    return step_fns[piece](state, batch)
   eval_step = jax.jit(make_eval_step(model), in_shardings=(
       state_shardings.params, batch_sharding, state_shardings.batch_stats))
 

@@ -10,8 +10,7 @@ from vitjax.train import optim
 
 POSITIVE_INTS = ("batch_size", "keep_checkpoints")
 OPTIONAL_POSITIVE_INTS = ("total_steps", "warmup_steps", "log_every_steps", "eval_every_steps",
-                          "checkpoint_every_steps", "keep_checkpoint_every_steps", "stop_at_step",
-                          "debug_nan_at_step")
+                          "checkpoint_every_steps", "keep_checkpoint_every_steps", "stop_at_step")
 OPTIONAL_POSITIVE_NUMBERS = ("total_epochs", "warmup_epochs", "log_every_epochs",
                              "eval_every_epochs", "checkpoint_every_epochs")
 BOOLS = ("skip_nonfinite_steps", "async_checkpoints")

@@ -1,0 +1,295 @@
+"""The encoder stage every backbone is built from: blocks, their attention contexts and reducers.
+
+Block: x = x + attn(norm(x)); x = x + mlp(norm(x)). A token reducer acts at the hook it declares
+(`vitjax.tokens.base`): before the block's attention (reading the previous block's attention, or
+this block's attention on the unreduced tokens: MCTF's one step ahead), or after the attention
+residual (EViT, ToMe); `after_block` runs when the block is done (TokenLearner's fuser). The stage
+builds each block's attention context (token grid, prefix count, token state, training progress),
+records the token state after each reduction, and holds the one attention x reducer check.
+
+Seams for hierarchical backbones: windowing / partitioning is a transform of the context and the
+tokens around attention, applied here; patch merging between stages is a stage boundary (a
+backbone chains stages, each with its own grid).
+"""
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitjax import attention as attn_lib
+from vitjax import tokens as tokens_lib
+from vitjax.tokens import base as tokens_base
+
+
+def drop_path(module: nn.Module, x, rate, deterministic: bool):
+  """Stochastic depth: drops the whole residual branch per example."""
+  if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Mlp(nn.Module):
+  mlp_dim: int
+  dropout: float = 0.0
+  gelu_approximate: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, deterministic=True):
+    width = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
+    x = nn.gelu(x, approximate=self.gelu_approximate)
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    x = nn.Dense(width, dtype=self.dtype, name="fc2")(x)
+    return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+
+class LayerScale(nn.Module):
+  init_value: float
+
+  @nn.compact
+  def __call__(self, x):
+    gamma = self.param("gamma", nn.initializers.constant(self.init_value), (x.shape[-1],))
+    return x * gamma.astype(x.dtype)
+
+
+class Block(nn.Module):
+  """One pre-norm encoder block, split where a reducer may act (attend | feed_forward)."""
+  attention: Any  # attention spec: name or dict(name=..., **options)
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attn_dropout: float = 0.0
+  drop_path_rate: Any = 0.0
+  layerscale: Optional[float] = None
+  qk_norm: bool = False
+  qkv_bias: bool = True
+  impl: str = "reference"
+  gelu_approximate: bool = False
+  dtype: Any = jnp.float32
+
+  def setup(self):
+    self.norm1 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+    self.attn = attn_lib.build(self.attention, num_heads=self.num_heads, dtype=self.dtype,
+                               qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
+                               attn_drop=self.attn_dropout, proj_drop=self.dropout,
+                               impl=self.impl)
+    self.norm2 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+    self.mlp = Mlp(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype)
+    if self.layerscale is not None:
+      self.ls1, self.ls2 = LayerScale(self.layerscale), LayerScale(self.layerscale)
+
+  def attend(self, x, ctx, need=(), deterministic=True):
+    h, aux = self.attn(self.norm1(x), ctx, need=tuple(need), deterministic=deterministic)
+    if self.layerscale is not None:
+      h = self.ls1(h)
+    return x + drop_path(self, h, self.drop_path_rate, deterministic), aux
+
+  def feed_forward(self, x, deterministic=True):
+    h = self.mlp(self.norm2(x), deterministic=deterministic)
+    if self.layerscale is not None:
+      h = self.ls2(h)
+    return x + drop_path(self, h, self.drop_path_rate, deterministic)
+
+  def __call__(self, x, ctx, deterministic=True):
+    x, _ = self.attend(x, ctx, (), deterministic)
+    return self.feed_forward(x, deterministic)
+
+
+class ScanBlock(nn.Module):
+  """Adapter so that `nn.scan` can carry x and scan over per-layer drop-path rates."""
+  block_kwargs: dict
+  ctx: Any
+  deterministic: bool
+
+  @nn.compact
+  def __call__(self, x, rate):
+    x = Block(drop_path_rate=rate, name="block", **self.block_kwargs)(x, self.ctx, self.deterministic)
+    return x, None
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+  """What happens at one block: its reducer's kwargs (or None) and the aux its attention returns."""
+  reducer: Optional[dict]
+  need: tuple
+
+
+class Stage(nn.Module):
+  """Runs `blocks` (Block kwargs each, drop-path rate included) on tokens [B, prefix + grid, D].
+
+  Returns (tokens, token state, out) with out["block_{i}"] the tokens after block i and
+  out["reductions"]["block_{i}"] = {"index", "size", "cls_scores"?} after each reduction: `index`
+  [B, N'] is each token's position among the stage's input tokens (-1 for a token made by merging
+  or learning), `size` how many patches it stands for, `cls_scores` [B, N] the head-mean [CLS]
+  attention row the reducer read (when it read one).
+  """
+  blocks: Sequence[dict]
+  grid: tuple
+  num_prefix: int
+  class_token: bool = True
+  tokens: Any = None
+  track_source: bool = False
+  scan: bool = False
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  # ----- static structure (Python values computed from the fields) -----
+  def attention_entries(self) -> list:
+    return [attn_lib.registry.check(b["attention"])[0] for b in self.blocks]
+
+  def reducer(self):
+    name, options = tokens_lib.registry.split_spec(self.tokens)
+    return tokens_lib.get(name).cls, options
+
+  def layout(self) -> tokens_base.Layout:
+    return tokens_base.Layout(
+        depth=len(self.blocks), num_patches=self.grid[0] * self.grid[1],
+        num_prefix=self.num_prefix, class_token=self.class_token,
+        attention=tuple(e.caps for e in self.attention_entries()))
+
+  def plan(self) -> tokens_base.Plan:
+    cls, options = self.reducer()
+    return cls.plan(options, self.layout())
+
+  def warmup(self, steps_per_epoch: int):
+    """The reducer's training-time schedule of options (tokens.schedule.Warmup) or None."""
+    cls, options = self.reducer()
+    return cls.warmup(options, self.layout(), steps_per_epoch=steps_per_epoch)
+
+  def block_plans(self) -> list:
+    """Per block: the reducer there and the aux signals the block's attention must return."""
+    cls, _ = self.reducer()
+    plan = self.plan()
+    needs = [set() for _ in self.blocks]
+    for i, kw in enumerate(plan.blocks):
+      if kw is None:
+        continue
+      src = i - 1 if (cls.hook == tokens_base.BEFORE_ATTENTION
+                      and cls.reads == tokens_base.PREVIOUS_BLOCK) else i
+      if cls.needs and src < 0:
+        raise ValueError(f"token reducer {cls.name_in_registry!r} at block 0 needs the attention "
+                         "of the previous block; place it at block 1 or later")
+      if src >= 0:
+        needs[src] |= set(cls.needs)
+    return [BlockPlan(kw, tuple(sorted(n))) for kw, n in zip(plan.blocks, needs)]
+
+  def check(self) -> list:
+    """The attention x reducer compatibility check; returns the block plans."""
+    cls, _ = self.reducer()
+    name = cls.name_in_registry
+    entries = self.attention_entries()
+    plans = self.block_plans()
+    reduced = False
+    for i, (entry, bp) in enumerate(zip(entries, plans)):
+      if bp.reducer is not None and cls.hook == tokens_base.BEFORE_ATTENTION:
+        reduced = True
+      if entry.caps.needs_grid and reduced:
+        raise ValueError(f"block {i} uses grid attention {entry.name!r} after a token reduction; "
+                         "only grid-free (Tier G) attention may follow a reduction")
+      missing = set(bp.need) - set(entry.caps.provides())
+      if missing:
+        ok = tokens_lib.registry.compatible_attentions(tokens_lib.get(name))
+        raise ValueError(f"token reducer {name!r} needs {sorted(missing)} from the attention of "
+                         f"block {i}, which {entry.name!r} cannot give; compatible attentions: "
+                         f"{', '.join(ok)}")
+      if bp.reducer is not None:
+        if cls.needs_cls and not self.class_token:
+          raise ValueError(f"token reducer {name!r} needs a [CLS] token (class_token=True)")
+        if cls.needs_grid and reduced and cls.hook == tokens_base.AFTER_ATTENTION:
+          raise ValueError(f"token reducer {name!r} needs the token grid at block {i}")
+        reduced = True
+    same = [{k: v for k, v in b.items() if k != "drop_path_rate"} for b in self.blocks]
+    if self.scan and (any(bp.reducer is not None for bp in plans)
+                      or any(b != same[0] for b in same[1:])):
+      raise ValueError("scan=True needs identical blocks: no token reduction and no per-layer "
+                       "attention overrides")
+    return plans
+
+  # ----- forward -----
+  def context(self, state, reduced: bool, prop_attn: bool, step, progress):
+    key_bias = jnp.log(state.size) if (prop_attn and reduced) else None
+    return attn_lib.AttnContext(
+        key_bias=key_bias, size=state.size, valid=state.valid, pos=state.pos, step=step,
+        progress=progress, grid=None if reduced else tuple(self.grid),
+        num_prefix=self.num_prefix, cls_index=0 if self.class_token else None)
+
+  def initial_state(self, x):
+    with_pos = any(e.caps.needs_pos for e in self.attention_entries())
+    return tokens_lib.initial_state(x.shape[0], self.num_prefix, tuple(self.grid),
+                                    track_source=self.track_source, with_pos=with_pos)
+
+  @nn.compact
+  def __call__(self, x, *, train: bool = False, step=None, progress=None):
+    plans = self.check()
+    state, out = self.initial_state(x), {}
+    if self.scan:
+      return self.scanned(x, state, train, step, progress) + (out,)
+    cls, _ = self.reducer()
+    prop_attn = self.plan().prop_attn
+    attend, feed_forward = Block.attend, Block.feed_forward
+    if self.remat:  # recompute activations in the backward pass; the module is argument 0
+      attend = nn.remat(Block.attend, static_argnums=(3, 4))
+      feed_forward = nn.remat(Block.feed_forward, static_argnums=(2,))
+    reduced, prev_aux, det = False, {}, not train
+    for i, (kwargs, bp) in enumerate(zip(self.blocks, plans)):
+      blk = Block(name=f"block_{i}", **kwargs)
+      need, before = bp.need, (x, state)
+      reducer = None
+      if bp.reducer is not None:
+        reducer = cls(num_prefix=self.num_prefix, dtype=self.dtype, name=f"reduce_{i}",
+                      **bp.reducer)
+      if reducer is not None and cls.hook == tokens_base.BEFORE_ATTENTION:
+        aux = prev_aux
+        if cls.reads == tokens_base.OWN_BLOCK:
+          # this block's attention on the unreduced tokens feeds the reducer; its output is
+          # discarded (XLA drops the unused P.V and projection)
+          _, aux = attend(blk, x, self.context(state, reduced, prop_attn, step, progress), need,
+                          det)
+          need = ()
+        x, state = reducer(x, state, aux, deterministic=det)
+        reduced = True
+        self.record(out, i, state, aux)
+      x, aux = attend(blk, x, self.context(state, reduced, prop_attn, step, progress), need, det)
+      if reducer is not None and cls.hook == tokens_base.AFTER_ATTENTION:
+        x, state = reducer(x, state, aux, deterministic=det)
+        reduced = True
+        self.record(out, i, state, aux)
+      x = feed_forward(blk, x, det)
+      if reducer is not None:
+        x, state = reducer.after_block(x, state, before, deterministic=det)
+      prev_aux = aux
+      out[f"block_{i}"] = x
+    return x, state, out
+
+  def scanned(self, x, state, train, step, progress):
+    block = nn.remat(ScanBlock, static_argnums=()) if self.remat else ScanBlock
+    scan = nn.scan(block, variable_axes={"params": 0, "batch_stats": 0},
+                   split_rngs={"params": True, "dropout": True}, in_axes=0,
+                   length=len(self.blocks))
+    kwargs = {k: v for k, v in self.blocks[0].items() if k != "drop_path_rate"}
+    rates = jnp.asarray([b.get("drop_path_rate", 0.0) for b in self.blocks], jnp.float32)
+    # The carry keeps one dtype: a block returns a float32 residual stream (as the unrolled path
+    # has after its first block) even when the embedding is computed in bfloat16.
+    x, _ = scan(kwargs, self.context(state, False, False, step, progress), not train,
+                name="encoder")(x.astype(jnp.float32), rates)
+    return x, state
+
+  def record(self, out: dict, block: int, state, aux: dict):
+    """The documented per-reduction outputs (see the class docstring)."""
+    rec = {"index": state.index, "size": state.size}
+    if "cls_probs" in aux:
+      rec["cls_scores"] = aux["cls_probs"]
+    out.setdefault("reductions", {})[f"block_{block}"] = rec
+    if self.track_source:
+      out[f"token_state_{block}"] = state
+
+
+def drop_path_rates(rate: float, depth: int) -> list:
+  """Stochastic depth rising linearly from 0 to `rate` over the blocks (DeiT, timm)."""
+  return np.linspace(0.0, rate, depth).tolist()
