@@ -151,7 +151,8 @@ class Stage(nn.Module):
     return tokens_base.Layout(
         depth=len(self.blocks), num_patches=self.grid[0] * self.grid[1],
         num_prefix=self.num_prefix, class_token=self.class_token,
-        attention=tuple(e.caps for e in self.attention_entries()))
+        attention=tuple(e.caps for e in self.attention_entries()),
+        dropout=self.blocks[0].get("dropout", 0.0) if self.blocks else 0.0)
 
   def plan(self) -> tokens_base.Plan:
     cls, options = self.reducer()

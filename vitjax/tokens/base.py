@@ -91,6 +91,7 @@ class Layout:
   num_prefix: int
   class_token: bool = True
   attention: tuple = ()  # per block: the attention mechanism's Capabilities
+  dropout: float = 0.0   # the encoder's dropout rate
 
 
 @dataclasses.dataclass(frozen=True)
