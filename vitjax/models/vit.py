@@ -182,7 +182,9 @@ class ViT(nn.Module):
 
   def with_tokens(self, overrides: Mapping):
     """This model with its reducer options updated (e.g. a warm-up piece's keep rate)."""
-    return self.clone(tokens={**_as_dict(self.tokens), **dict(overrides)})
+    spec = _as_dict(self.tokens)
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec or {})
+    return self.clone(tokens={**spec, **dict(overrides)})
 
   def validate(self):
     """Config-time checks; raises ValueError naming what would be valid."""
