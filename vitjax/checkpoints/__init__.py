@@ -1,5 +1,6 @@
 """Pretrained checkpoints in and out: timm (`.safetensors`, `.pth`) and big_vision (`.npz`).
 
+  model, params = checkpoints.load_model("deit_small.safetensors")   # architecture + weights
   model = checkpoints.build_model("deit_small.safetensors", tokens=dict(name="evit", keep_rate=0.7))
   params = checkpoints.load("deit_small.safetensors", model)          # numpy, nested like init
   checkpoints.save("out.npz", params, model)                          # format from the suffix
@@ -55,13 +56,20 @@ def model_config(path: str, fmt: Optional[str] = None, **kw) -> dict:
 def build_model(path: str, *, fmt: Optional[str] = None, num_classes: Optional[int] = None,
                 image_size=None, dtype: str = "float32", num_heads: Optional[int] = None,
                 **overrides):
-  """A ViT with the architecture of the file (any field overridable, e.g. tokens=...)."""
+  """A ViT with the architecture of the file (any field overridable, e.g. tokens=...), without
+  its weights: `load_model` gives both."""
   kw = {"num_heads": num_heads} if num_heads else {}
   cfg = model_config(path, fmt, **kw)
   file_classes, file_size = cfg.pop("num_classes"), cfg.pop("image_size", None)
   cfg.update(overrides)
   return models.build(cfg, num_classes=file_classes if num_classes is None else num_classes,
                       image_size=image_size or file_size, dtype=dtype)
+
+
+def load_model(path: str, *, fmt: Optional[str] = None, **build_kw):
+  """(model, params) of a file: `build_model(path, **build_kw)` and its parameters for it."""
+  model = build_model(path, fmt=fmt, **build_kw)
+  return model, load(path, model, fmt=fmt)
 
 
 def load(path: str, model, *, fmt: Optional[str] = None, skip: Iterable[str] = (), **kw) -> dict:
