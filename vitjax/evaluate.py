@@ -5,25 +5,29 @@ EViT and ToMe tables), printed as a markdown table and written as JSON.
   python -m vitjax.evaluate --config=configs/offtheshelf.py:reducer=evit \
       --checkpoint=deit_small_patch16_224.safetensors --keep_rates=1.0,0.9,0.7,0.5
 
---checkpoint: one of our training workdirs (or its checkpoints/ folder; the latest step, --ema for
-the EMA parameters), or a timm (.safetensors/.pth) / big_vision (.npz) file. Without it the
-config's init_from is used. --keep_rates evaluates the same weights at several keep rates (one
-row each). Throughput: jit-compiled forward, warmed up, median of --runs timed runs on
-device-resident random inputs of --throughput_batch images (the input pipeline is not timed).
+--checkpoint: one of our training workdirs (or its checkpoints/ folder; the latest step or --step,
+--ema for the EMA parameters; read by `vitjax.loading.restore`), or a timm (.safetensors/.pth) /
+big_vision (.npz) file. Without it the config's init_from is used. --keep_rates evaluates the
+same weights at several keep rates (one row each). Throughput: jit-compiled forward, warmed up,
+median of --runs timed runs on device-resident random inputs of --throughput_batch images (the
+input pipeline is not timed).
 """
 import json
 import os
 import statistics
+import sys
 import time
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from vitjax import checkpoints, models
+from vitjax import checkpoints, loading, models
 from vitjax import tokens as tokens_lib
 from vitjax.train import mesh as mesh_lib
-from vitjax.train import optim, recipe, trainer
+from vitjax.train import trainer
 
 COLUMNS = (("model", "model"), ("tokens", "reducer"), ("keep_rate", "keep rate / r"),
            ("top1", "top-1 (%)"), ("top5", "top-5 (%)"), ("images_per_sec", "throughput (img/s)"),
@@ -31,50 +35,23 @@ COLUMNS = (("model", "model"), ("tokens", "reducer"), ("keep_rate", "keep rate /
 
 
 # ------------------------------------------------------------------ parameters
-def find_workdir(path: str) -> str:
-  """A training workdir from the workdir itself or its checkpoints/ folder."""
-  path = os.path.abspath(path.rstrip("/"))
-  if os.path.basename(path) == "checkpoints":
-    return os.path.dirname(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    return path
-  raise FileNotFoundError(f"{path} is neither a timm/big_vision file nor a training workdir "
-                          "(a folder with checkpoints/ inside)")
+def restore_params(config, model, info, workdir: str, *, ema: bool = False, step=None):
+  """(parameters or their EMA, step, running statistics) of a training workdir's checkpoint (the
+  latest unless `step` is given) for `model`."""
+  del config, info  # the checkpoint and the model are all a restore needs
+  variables, step = loading.restore(workdir, model, step=step, ema=ema)
+  return variables["params"], step, variables.get("batch_stats", {})
 
 
-def restore_params(config, model, info, workdir: str, *, ema: bool = False):
-  """(parameters or their EMA, step, running statistics) of a training workdir's latest
-  checkpoint."""
-  from vitjax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  steps = trainer.durations(config, info.num_examples[config.data.train_split])
-  tx, _ = optim.make_optimizer(config.optimizer, steps["total"], steps["warmup"])
-  tx = recipe.wrap_optimizer(tx, config, model)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  abstract, _, _ = trainer.state_spec(model, tx, config, mesh, info.image_shape)
-  ckpt = ckpt_lib.Checkpointer(workdir, async_save=False)
-  try:
-    step = ckpt.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}")
-    state, _ = ckpt.restore(abstract, None, step)
-  finally:
-    ckpt.close()
-  if not ema:
-    return state.params, step, state.batch_stats
-  params = recipe.ema_params(state.opt_state)
-  if params is None:
-    raise ValueError(f"--ema: the checkpoint in {workdir} has no EMA (config.ema was not set)")
-  return params, step, state.batch_stats
-
-
-def load_params(config, model, info, checkpoint: str, *, ema: bool = False):
+def load_params(config, model, info, checkpoint: str, *, ema: bool = False, step=None):
   """(params, description of where they came from, running statistics or {})."""
   if checkpoints.is_pretrained_file(checkpoint):
-    if ema:
-      raise ValueError("--ema applies to our training checkpoints, not to imported files")
+    if ema or step is not None:
+      raise loading.LoadError(f"{checkpoint} is a timm/big_vision file: --ema and --step are for "
+                              "training workdirs; pass the file alone")
     return checkpoints.load(checkpoint, model), os.path.basename(checkpoint), {}
-  params, step, stats = restore_params(config, model, info, find_workdir(checkpoint), ema=ema)
-  name = f"{os.path.basename(os.path.abspath(checkpoint))}@{step}"
+  params, step, stats = restore_params(config, model, info, checkpoint, ema=ema, step=step)
+  name = f"{os.path.basename(loading.locate(checkpoint, step)[0])}@{step}"
   return params, name + (" (EMA)" if ema else ""), stats
 
 
@@ -83,6 +60,8 @@ def accuracy(config, model, params, batch_stats=None) -> dict:
   """Top-1 / top-5 over the config's eval split with the trainer's evaluation step."""
   mesh = mesh_lib.make_mesh(config.mesh)
   sharding = mesh_lib.batch_sharding(mesh)
+  # on the devices once, not copied from the host with every batch
+  params, batch_stats = jax.device_put((params, batch_stats or {}), NamedSharding(mesh, P()))
   eval_step = jax.jit(trainer.make_eval_step(model))
   return trainer.evaluate(eval_step, params, config, sharding, batch_stats)
 
@@ -142,7 +121,8 @@ def build(config, info, checkpoint: str):
   if not model_cfg.pop("from_checkpoint", False):
     return trainer.build_model(config, info)
   if not checkpoints.is_pretrained_file(checkpoint):
-    raise ValueError("model.from_checkpoint=True needs a timm/big_vision file as the checkpoint")
+    raise loading.LoadError("model.from_checkpoint=True needs a timm/big_vision file as "
+                            "--checkpoint, not a training workdir")
   model_cfg.pop("name", None)
   return checkpoints.build_model(checkpoint, num_classes=info.num_classes,
                                  image_size=config.get("image_size") or info.image_shape[:2],
@@ -150,20 +130,20 @@ def build(config, info, checkpoint: str):
 
 
 def run(config, checkpoint: Optional[str] = None, *, keep_rates: Sequence = (None,),
-        ema: bool = False, throughput_batch: Optional[int] = None, runs: int = 5,
-        output: Optional[str] = None) -> list:
+        ema: bool = False, step: Optional[int] = None, throughput_batch: Optional[int] = None,
+        runs: int = 5, output: Optional[str] = None) -> list:
   """Evaluates `checkpoint` (or config.init_from) under `config`; one row per keep rate."""
   from vitjax import data  # pylint: disable=import-outside-toplevel
   checkpoint = checkpoint or config.get("init_from")
   if not checkpoint:
-    raise ValueError("nothing to evaluate: pass --checkpoint or set config.init_from")
+    raise loading.LoadError("nothing to evaluate: pass --checkpoint or set config.init_from")
   info = data.get_info(config.data)
   rows, params = [], None
   for kr in keep_rates or (None,):
     cfg = with_keep_rate(config, kr)
     model = build(cfg, info, checkpoint)
     if params is None:  # reducers here have no parameters: one load serves every keep rate
-      params, label, stats = load_params(cfg, model, info, checkpoint, ema=ema)
+      params, label, stats = load_params(cfg, model, info, checkpoint, ema=ema, step=step)
     rows.append(evaluate_model(cfg, model, params, info, label=label,
                                throughput_batch=throughput_batch or config.batch_size, runs=runs,
                                batch_stats=stats))
@@ -194,8 +174,13 @@ def main(argv):
   from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
   rates = [None if r in ("", "none") else float(r) for r in f.keep_rates] or [None]
-  rows = run(f.config, f.checkpoint, keep_rates=rates, ema=f.ema,
-             throughput_batch=f.throughput_batch, runs=f.runs, output=f.output)
+  try:
+    rows = run(f.config, f.checkpoint, keep_rates=rates, ema=f.ema, step=f.step,
+               throughput_batch=f.throughput_batch, runs=f.runs, output=f.output)
+  except (loading.LoadError, checkpoints.CheckpointMismatch) as e:
+    # Errors about what was given, not the code: the message is the whole story.
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(1)
   print(table(rows))
   print(f"written to {f.output}")
 
@@ -207,6 +192,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("checkpoint", None, "A training workdir, or a timm/big_vision file.")
   flags.DEFINE_list("keep_rates", [], "Keep rates to evaluate (one row each).")
   flags.DEFINE_bool("ema", False, "Evaluate the EMA parameters of a training checkpoint.")
+  flags.DEFINE_integer("step", None, "The training checkpoint's step (default the latest).")
   flags.DEFINE_integer("throughput_batch", None, "Batch for the throughput (default batch_size).")
   flags.DEFINE_integer("runs", 5, "Timed runs for the throughput (median).")
   flags.DEFINE_string("output", "evaluation.json", "Where the JSON rows go.")
