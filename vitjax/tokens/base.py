@@ -196,7 +196,7 @@ def per_location(name: str, value, locations: tuple) -> list:
                      "locations")
   for kr in rates:
     if not isinstance(kr, (int, float)) or not 0.0 < float(kr) <= 1.0:
-      raise ValueError(f"token reducer {name!r}: keep_rate {kr!r} must lie in (0, 1]")
+      raise ValueError(f"token reducer {name!r}: keep_rate must be in (0, 1], got {kr!r}")
   return [float(kr) for kr in rates]
 
 
