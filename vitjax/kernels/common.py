@@ -12,12 +12,18 @@ TPU topology on a CPU host takes the Mosaic branch.
 
 Statistics (log-sum-exp, delta) are stored as rows [B, H, 1, N] (lanes = tokens): compact in HBM
 and legal as (1, block) blocks; kernels convert rows <-> columns once per program.
+
+Every kernel is three launches around per-head bodies that the kernel module writes: a forward
+and a dQ launch with a program per query tile, and a dK/dV launch (plus the key-bias gradient)
+with a program per key tile. `Problem` holds those launches and `differentiable` their
+custom_vjp wiring, so a kernel module keeps only its bodies and its forward/backward math.
 """
 import dataclasses
 import functools
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -212,6 +218,10 @@ class Layout:
   def tpu(self) -> bool:
     return self.kind == "tpu"
 
+  @property
+  def program_heads(self) -> int:
+    return self.t.heads if self.tpu else 1
+
   def grid(self, b: int, tiles: int):
     return (b, self.num_heads // self.t.heads, tiles)
 
@@ -270,3 +280,233 @@ def layout(kind: str, nq: int, nk: int, h: int, d: int, *, interpret: bool, bloc
   else:
     t = gpu_tiling(nq, nk, h, d, blocks, backward)
   return Layout(kind, t, h, d, interpret)
+
+
+# ---- backward bodies (one head) of attention whose weights are elementwise in the scores ----
+# A kernel gives w = weights(s, *stats) and dL/ds = score_grad(w, dL/dw, *stats), with `stats` its
+# query statistics (softmax: lse and delta; sigmoid: none); the loops and accumulations are common.
+def logits(a, b, scale, bias):
+  """a @ b.T * scale (+ bias), float32, clamped to NEG so masked entries stay finite."""
+  s = lax.dot_general(a, b, NT, preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    s = s + bias
+  return jnp.maximum(s, NEG)
+
+
+def dq_head(q_ref, k_ref, v_ref, b_ref, do_ref, *refs, lay, scale, weights, score_grad):
+  """dQ of one query tile, looping over key blocks; refs are the stat rows, then dq."""
+  *stat_refs, dq_ref = refs
+  q, do, t = q_ref[...], do_ref[...], lay.t
+  stats = [lay.to_col(r[...]) for r in stat_refs]
+  bk = t.block_k
+
+  def step(j, dq):
+    start = pl.multiple_of(j * bk, bk)
+    k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
+    w = weights(logits(q, k, scale, None if b_ref is None else b_ref[:, pl.ds(start, bk)]), *stats)
+    dw = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
+    ds = score_grad(w, dw, *stats)
+    return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+
+  dq = lax.fori_loop(0, t.num_k, step, jnp.zeros(q.shape, jnp.float32))
+  dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def dkdv_head(q_ref, k_ref, v_ref, b_col, do_ref, *refs, lay, scale, weights, score_grad):
+  """dK, dV of one key tile, looping over query blocks; refs are the stat rows, then dk, dv.
+  Returns the key-bias gradient column (bk, 1).
+
+  Works on transposed scores s^T (keys x queries): the statistics are rows there, so they
+  broadcast along lanes with no per-step relayout, and every matmul is a @ b or a @ b.T.
+  """
+  *stat_refs, dk_ref, dv_ref = refs
+  k, v, t = k_ref[...], v_ref[...], lay.t
+  bq = t.block_q
+
+  def step(i, carry):
+    dk, dv, db = carry
+    start = pl.multiple_of(i * bq, bq)
+    q, do = q_ref[pl.ds(start, bq), :], do_ref[pl.ds(start, bq), :]
+    stats = [r[:, pl.ds(start, bq)] for r in stat_refs]
+    wt = weights(logits(k, q, scale, b_col), *stats)
+    dv = dv + jnp.dot(wt.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    dwt = lax.dot_general(v, do, NT, preferred_element_type=jnp.float32)
+    dst = score_grad(wt, dwt, *stats)
+    dk = dk + jnp.dot(dst.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    return dk, dv, db + dst.sum(axis=1, keepdims=True)
+
+  zeros = jnp.zeros(k.shape, jnp.float32)
+  dk, dv, db = lax.fori_loop(0, t.num_q, step, (zeros, zeros, jnp.zeros((k.shape[0], 1),
+                                                                         jnp.float32)))
+  dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+  return db
+
+
+# ---- the three launches of a kernel ----
+def _query_tile_kernel(body: Callable, lay: Layout, has_bias: bool):
+  """Refs q, k, v, [bias], *rest -> body(q, k, v, bias, *rest, lay=lay) on each program head."""
+  def kernel(*refs):
+    q_ref, k_ref, v_ref, *rest = refs
+    b_ref = rest.pop(0) if has_bias else None
+    for h in range(lay.program_heads):
+      body(*(lay.view(r, h) for r in (q_ref, k_ref, v_ref)), b_ref,
+           *(lay.view(r, h) for r in rest), lay=lay)
+  return kernel
+
+
+def _key_tile_kernel(body: Callable, lay: Layout, has_bias: bool, want_db: bool):
+  """As `_query_tile_kernel`, with the bias as a column; bodies return their heads' bias-grad
+  columns, summed into the program's one key-bias gradient row."""
+  def kernel(*refs):
+    q_ref, k_ref, v_ref, *rest = refs
+    b_ref = rest.pop(0) if has_bias else None
+    db_ref = rest.pop() if want_db else None
+    b_col = None if b_ref is None else lay.to_col(b_ref[...])
+    db = 0.0
+    for h in range(lay.program_heads):
+      db = db + body(*(lay.view(r, h) for r in (q_ref, k_ref, v_ref)), b_col,
+                     *(lay.view(r, h) for r in rest), lay=lay)
+    if db_ref is not None:
+      db_ref[...] = lay.to_row(db)
+  return kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """[B, N, H, d] q, k, v in a backend's kernel layout, with the launches over them.
+
+  Query-side arrays (a cotangent `tokens`, statistic `rows`) follow q, v and bias follow k, in
+  that order after q, k, v: a launch's refs are q, k, v, [bias], *tokens, *rows, *outputs.
+  """
+  lay: Layout
+  q: Any
+  k: Any
+  v: Any
+  kb: Any           # [B, 1, nk_pad] key bias, or None when there is none and no key is padded
+  want_db: bool     # a bias was given, so the backward returns its gradient
+  nq: int
+  nk: int
+
+  @property
+  def b(self) -> int:
+    return self.q.shape[0]
+
+  def queries(self, x):
+    """A [B, Nq, H, d] query-side array in kernel layout."""
+    return self.lay.prepare(x, self.lay.t.nq_pad)
+
+  def rows(self, x, fill: float = 0.0):
+    """A [B, H, Nq] query statistic as rows."""
+    return stat_rows(x, self.lay.t.nq_pad, fill)
+
+  def _inputs(self, tokens, rows):
+    bias = [self.kb] if self.kb is not None else []
+    return [self.q, self.k, self.v, *bias, *tokens, *rows]
+
+  def _vmem(self, q_tokens: int, k_tokens: int, n_q_arrays: int) -> int:
+    """q-sized blocks (q, query-side tokens, token outputs), k and v, one score tile."""
+    hb, d, dtype = self.lay.t.heads, self.lay.head_dim, self.q.dtype
+    return vmem_bytes(*[((hb, q_tokens, d), dtype)] * n_q_arrays,
+                      *[((hb, k_tokens, d), dtype)] * 2, ((q_tokens, k_tokens), jnp.float32))
+
+  def over_queries(self, body: Callable, *, name: str, tokens: Sequence = (), rows: Sequence = (),
+                   out_tokens: Sequence = (), out_rows: int = 0) -> list:
+    """A program per query tile, keys looped inside; returns [B, Nq, H, d] outputs of dtypes
+    `out_tokens`, then `out_rows` float32 statistics [B, H, Nq]."""
+    lay, t = self.lay, self.lay.t
+    q_tile, q_rows = lay.tokens(t.block_q, True), lay.rows(t.block_q, True)
+    in_specs = [q_tile, lay.tokens(t.nk_pad, False), lay.tokens(t.nk_pad, False)]
+    in_specs += [lay.bias(t.nk_pad, False)] if self.kb is not None else []
+    in_specs += [q_tile] * len(tokens) + [q_rows] * len(rows)
+    row_shape = jax.ShapeDtypeStruct((self.b, lay.num_heads, 1, t.nq_pad), jnp.float32)
+    out_shape = [jax.ShapeDtypeStruct(self.q.shape, dt) for dt in out_tokens]
+    out_shape += [row_shape] * out_rows
+    outs = lay.call(_query_tile_kernel(body, lay, self.kb is not None), tiles=t.num_q, b=self.b,
+                    in_specs=in_specs, out_specs=[q_tile] * len(out_tokens) + [q_rows] * out_rows,
+                    out_shape=out_shape,
+                    vmem=self._vmem(t.block_q, t.nk_pad, 1 + len(tokens) + len(out_tokens)),
+                    name=name)(*self._inputs(tokens, rows))
+    n = len(out_tokens)
+    return [lay.finish(o, self.nq) for o in outs[:n]] + [r[:, :, 0, :self.nq] for r in outs[n:]]
+
+  def over_keys(self, body: Callable, *, name: str, tokens: Sequence = (), rows: Sequence = ()):
+    """A program per key tile, queries looped inside; returns dK, dV [B, Nk, H, d] and the key-bias
+    gradient [B, Nk] (None when no bias was given)."""
+    lay, t = self.lay, self.lay.t
+    q_all, k_tile = lay.tokens(t.nq_pad, False), lay.tokens(t.block_k, True)
+    in_specs = [q_all, k_tile, k_tile]
+    in_specs += [lay.bias(t.block_k, True)] if self.kb is not None else []
+    in_specs += [q_all] * len(tokens) + [lay.rows(t.nq_pad, False)] * len(rows)
+    out_specs = [k_tile, k_tile]
+    out_shape = [jax.ShapeDtypeStruct(self.k.shape, self.k.dtype),
+                 jax.ShapeDtypeStruct(self.v.shape, self.v.dtype)]
+    if self.want_db:
+      out_specs.append(lay.group_rows(t.block_k))
+      out_shape.append(jax.ShapeDtypeStruct((self.b, lay.num_heads // t.heads, 1, t.nk_pad),
+                                            jnp.float32))
+    kernel = _key_tile_kernel(body, lay, self.kb is not None, self.want_db)
+    outs = lay.call(kernel, tiles=t.num_k, b=self.b, in_specs=in_specs, out_specs=out_specs,
+                    out_shape=out_shape, vmem=self._vmem(t.nq_pad, t.block_k, 1 + len(tokens)),
+                    name=name)(*self._inputs(tokens, rows))
+    dbias = outs[2].sum(axis=(1, 2))[:, :self.nk] if self.want_db else None
+    return lay.finish(outs[0], self.nk), lay.finish(outs[1], self.nk), dbias
+
+  def gradients(self, do, rows: Sequence, *, weights: Callable, score_grad: Callable, scale: float,
+                name: str):
+    """(dq, dk, dv, dbias) from the output cotangent `do` [B, Nq, H, d] and statistic `rows`
+    through `dq_head` and `dkdv_head` (launches `{name}_dq`, `{name}_dkdv`)."""
+    math = dict(scale=scale, weights=weights, score_grad=score_grad)
+    query_side = dict(tokens=[self.queries(do)], rows=rows)
+    (dq,) = self.over_queries(functools.partial(dq_head, **math), out_tokens=[self.q.dtype],
+                              name=f"{name}_dq", **query_side)
+    dk, dv, dbias = self.over_keys(functools.partial(dkdv_head, **math), name=f"{name}_dkdv",
+                                   **query_side)
+    return dq, dk, dv, dbias
+
+
+def problem(q, k, v, bias, *, kind: str, interpret: bool, blocks=None, heads=None,
+            backward=False) -> Problem:
+  """q [B, Nq, H, d], k, v [B, Nk, H, d] and a [B, Nk] bias (or None) laid out for `kind`."""
+  b, nq, h, d = q.shape
+  nk = k.shape[1]
+  lay = layout(kind, nq, nk, h, d, interpret=interpret, blocks=blocks, heads=heads,
+               backward=backward)
+  t = lay.t
+  kb = key_bias(bias, b, nk, t.nk_pad)
+  return Problem(lay, lay.prepare(q, t.nq_pad), lay.prepare(k, t.nk_pad), lay.prepare(v, t.nk_pad),
+                 kb, bias is not None, nq, nk)
+
+
+# ---- the differentiable core ----
+def run(backend: Optional[str], blocks, heads, scale: float, fn: Callable, *args):
+  """fn(*args, scale=..., kind=..., interpret=..., blocks=..., heads=...) on the backend."""
+  def tpu(*a, interpret):
+    return fn(*a, scale=scale, kind="tpu", interpret=interpret, blocks=blocks, heads=heads)
+
+  def gpu(*a, interpret):
+    return fn(*a, scale=scale, kind="gpu", interpret=interpret, blocks=blocks, heads=heads)
+
+  return dispatch(backend, tpu, gpu, *args)
+
+
+def differentiable(forward: Callable, backward: Callable, *, saves_outputs: bool):
+  """core(backend, blocks, heads, scale, q, k, v, bias): a custom VJP over two launchers.
+
+  forward(q, k, v, bias, **launch) -> outputs; backward(q, k, v, bias, [outputs,] cotangents,
+  **launch) -> (dq, dk, dv, dbias). `saves_outputs` keeps the forward's outputs as residuals
+  (softmax needs o and lse; sigmoid recomputes everything from q, k, v).
+  """
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+  def core(backend, blocks, heads, scale, q, k, v, bias):
+    return run(backend, blocks, heads, scale, forward, q, k, v, bias)
+
+  def fwd(backend, blocks, heads, scale, q, k, v, bias):
+    out = run(backend, blocks, heads, scale, forward, q, k, v, bias)
+    return out, (q, k, v, bias) + ((out,) if saves_outputs else ())
+
+  def bwd(backend, blocks, heads, scale, res, cts):
+    return run(backend, blocks, heads, scale, backward, *res, cts)
+
+  core.defvjp(fwd, bwd)
+  return core
