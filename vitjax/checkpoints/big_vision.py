@@ -98,10 +98,7 @@ def write_npz(path: str, flat: Mapping):
 def model_config(flat: Mapping) -> dict:
   """The vitjax model fields (plus num_classes, image_size) of a big_vision ViT checkpoint."""
   flat = normalize(flat)
-  if "embedding/kernel" not in flat:
-    raise common.CheckpointMismatch("not a big_vision ViT checkpoint: no embedding/kernel; keys "
-                                    f"start with {sorted(flat)[:8]}")
-  patch, _, _, width = flat["embedding/kernel"].shape
+  patch, _, _, width = common.marker(flat, "embedding/kernel", "big_vision ViT checkpoint").shape
   depth = len({k.split("/")[1] for k in flat if k.startswith("Transformer/encoderblock_")})
   q = flat[ENC.format(0) + MHA + "query/kernel"]
   cfg = dict(name="vit", patch_size=int(patch), width=int(width), depth=depth,
@@ -197,7 +194,7 @@ def from_big_vision(flat: Mapping, model, *, skip: Iterable[str] = ()) -> dict:
   if model.posemb == "learn":
     wanted.add("pos_embedding")
   common.check_keys(set(src) - ignored - ({"pos_embedding"} if model.posemb != "learn" else set()),
-                    wanted, fmt="big_vision", hint=_hint(src))
+                    wanted, fmt="big_vision", hint=common.config_hint(model_config, src))
   bad = [f"{k}: checkpoint {src[k].shape} vs model {np.shape(v)}" for k, v in expected.items()
          if src[k].shape != np.shape(v)]
   if bad:
@@ -209,17 +206,7 @@ def from_big_vision(flat: Mapping, model, *, skip: Iterable[str] = ()) -> dict:
   if patch is not None and "cls" in tokens and not common.is_square(patch.shape[1]):
     rows, patch = common.split_posemb(patch, tokens, ("cls",))  # the old [CLS] entry
   out.update(common.import_prefix(model, tokens, patch, rows))
-  common.check_shapes(out, abstract, fmt="big_vision")
-  params = common.unflatten(out)
-  return common.rescan(params, model.depth) if model.scan else params
-
-
-def _hint(flat) -> str:
-  try:
-    cfg = model_config(flat)
-  except (ValueError, KeyError, IndexError):
-    return ""
-  return "the checkpoint looks like a model with " + ", ".join(f"{k}={v!r}" for k, v in cfg.items())
+  return common.nest(out, abstract, model, fmt="big_vision")
 
 
 def load(path: str, model, **kw) -> dict:

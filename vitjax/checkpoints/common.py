@@ -125,6 +125,28 @@ def check_shapes(flat: Mapping, abstract_flat: Mapping, *, fmt: str, names: Mapp
                              + "\n  ".join(bad))
 
 
+def marker(raw: Mapping, key: str, what: str):
+  """raw[key], the array that marks a file as `what`; CheckpointMismatch when it is absent."""
+  if key not in raw:
+    raise CheckpointMismatch(f"not a {what}: no {key}; keys start with {sorted(raw)[:8]}")
+  return raw[key]
+
+def config_hint(model_config, raw: Mapping) -> str:
+  """A mismatch message's last line: the architecture `model_config(raw)` reads from the file,
+  or "" when it cannot read one."""
+  try:
+    cfg = model_config(raw)
+  except (ValueError, KeyError, IndexError):
+    return ""
+  return "the checkpoint looks like a model with " + ", ".join(f"{k}={v!r}" for k, v in cfg.items())
+
+
+def nest(flat: Mapping, abstract_flat: Mapping, model, *, fmt: str, names: Mapping = None) -> dict:
+  """Converted flat parameters, shape-checked, as the model's nested tree (stacked if it scans)."""
+  check_shapes(flat, abstract_flat, fmt=fmt, names=names)
+  params = unflatten(flat)
+  return rescan(params, model.depth) if model.scan else params
+
 # ------------------------------------------------------------------ prefix tokens and posemb
 def prefix_names(model) -> list:
   """The model's prefix tokens, in order."""

@@ -155,10 +155,7 @@ def model_config(sd: Mapping, *, num_heads: Optional[int] = None, no_embed_class
   (Ti 3, S 6, M 8, B 12, L 16, H 16), else width // 64; pass `num_heads` when it differs.
   """
   sd = clean_state_dict(sd)
-  if "patch_embed.proj.weight" not in sd:
-    raise common.CheckpointMismatch("not a timm ViT state dict: no patch_embed.proj.weight; "
-                                    f"keys start with {sorted(sd)[:8]}")
-  width, _, patch, _ = sd["patch_embed.proj.weight"].shape
+  width, _, patch, _ = common.marker(sd, "patch_embed.proj.weight", "timm ViT state dict").shape
   depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
   tokens = _source_tokens(sd)
   cfg = dict(name="vit", patch_size=int(patch), width=int(width), depth=depth,
@@ -224,7 +221,8 @@ def from_timm(sd: Mapping, model, *, skip: Iterable[str] = (), no_embed_class=No
   if model.posemb == "learn" or "pos_embed" in sd:
     expected.add("pos_embed")
   ignored = {timm_key(p) for p in abstract if common.skipped(p, skip)}
-  common.check_keys(set(sd) - ignored, expected, fmt="timm", hint=_hint(sd))
+  common.check_keys(set(sd) - ignored, expected, fmt="timm",
+                    hint=common.config_hint(model_config, sd))
   flat = {p: from_torch_layout(p, np.asarray(sd[k], np.float32)) for p, k in names.items()}
   tokens = {n: np.asarray(sd[k], np.float32) for n, k in token_keys.items()}
   rows, patch = {}, None
@@ -233,18 +231,7 @@ def from_timm(sd: Mapping, model, *, skip: Iterable[str] = (), no_embed_class=No
                              prefer_covered=bool(common.covered_by_posemb(model)))
     rows, patch = common.split_posemb(np.asarray(sd["pos_embed"], np.float32), tokens, covered)
   flat.update(common.import_prefix(model, tokens, patch, rows))
-  common.check_shapes(flat, abstract, fmt="timm", names=names)
-  params = common.unflatten(flat)
-  return common.rescan(params, model.depth) if model.scan else params
-
-
-def _hint(sd) -> str:
-  try:
-    cfg = model_config(sd)
-  except (ValueError, KeyError, IndexError):
-    return ""
-  return ("the checkpoint looks like a model with " + ", ".join(f"{k}={v!r}" for k, v in
-                                                                 cfg.items()))
+  return common.nest(flat, abstract, model, fmt="timm", names=names)
 
 
 def load(path: str, model, **kw) -> dict:
