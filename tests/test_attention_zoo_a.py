@@ -20,8 +20,6 @@ from vitjax.attention.performer import random_projection
 
 B, N, D, H = 2, 17, 64, 4
 HD = D // H
-NAMES = ["sigmoid", "relu", "linear_elu", "performer", "flatten", "agent", "cosine",
-         "clipped_softmax", "gated", "cog"]
 LINEAR = ["linear_elu", "performer", "flatten", "agent"]
 X = jax.random.normal(jax.random.key(0), (B, N, D))
 
@@ -86,45 +84,64 @@ def unit(t):
   return t / jnp.sqrt((t * t).sum(axis=-1, keepdims=True))
 
 
-def naive_weights(name, p, x, q, k):
-  n = k.shape[1]
-  if name == "sigmoid":
-    return 1.0 / (1.0 + jnp.exp(-(naive_logits(q, k) - jnp.log(n))))
-  if name == "relu":
-    return jnp.maximum(naive_logits(q, k), 0.0) / n
-  if name == "linear_elu":
-    a = jnp.einsum("bnhr,bmhr->bhnm", elu1(q), elu1(k))
-    return a / (a.sum(axis=-1, keepdims=True) + 1e-6)
-  if name == "performer":
-    omega = make("performer").bind(p).projection(HD, None)
-    a = jnp.einsum("bnhr,bmhr->bhnm", favor(q, omega, True), favor(k, omega, False))
-    return a / a.sum(axis=-1, keepdims=True)
-  if name == "flatten":
-    fq, fk = focus(q, p["params"]["scale"]), focus(k, p["params"]["scale"])
-    z = 1.0 / (jnp.einsum("bnhr,bhr->bhn", fq, fk.mean(axis=1)) + 1e-6)
-    return jnp.einsum("bnhr,bmhr->bhnm", fq, fk) / n * z[..., None]
-  if name == "agent":
-    a = p["params"]["agents"]
-    pq = naive_softmax(jnp.einsum("bnhd,ahd->bhna", q, a) / math.sqrt(HD))
-    pa = naive_softmax(jnp.einsum("ahd,bmhd->bham", a, k) / math.sqrt(HD))
-    return jnp.einsum("bhna,bham->bhnm", pq, pa)
-  if name == "cosine":
-    tau = jnp.exp(jnp.minimum(p["params"]["logit_scale"], math.log(100.0)))
-    cos = jnp.einsum("bnhd,bmhd->bhnm", unit(q), unit(k))
-    return naive_softmax(tau[None, :, None, None] * cos)
-  if name == "clipped_softmax":
-    return jnp.clip(1.025 * naive_softmax(naive_logits(q, k)) - 0.025, 0.0, 1.0)
-  if name in ("gated", "mhsa"):
-    return naive_softmax(naive_logits(q, k))
-  if name == "cog":
-    s = naive_logits(q, k)
-    return jnp.sign(s) * naive_softmax(jnp.abs(s))
-  raise KeyError(name)
+def naive_performer(p, q, k):
+  omega = make("performer").bind(p).projection(HD)
+  a = jnp.einsum("bnhr,bmhr->bhnm", favor(q, omega, True), favor(k, omega, False))
+  return a / a.sum(axis=-1, keepdims=True)
+
+
+def naive_flatten(p, q, k):
+  fq, fk = focus(q, p["params"]["scale"]), focus(k, p["params"]["scale"])
+  z = 1.0 / (jnp.einsum("bnhr,bhr->bhn", fq, fk.mean(axis=1)) + 1e-6)
+  return jnp.einsum("bnhr,bmhr->bhnm", fq, fk) / k.shape[1] * z[..., None]
+
+
+def naive_agent(p, q, k):
+  a = p["params"]["agents"]
+  pq = naive_softmax(jnp.einsum("bnhd,ahd->bhna", q, a) / math.sqrt(HD))
+  pa = naive_softmax(jnp.einsum("ahd,bmhd->bham", a, k) / math.sqrt(HD))
+  return jnp.einsum("bhna,bham->bhnm", pq, pa)
+
+
+def naive_cosine(p, q, k):
+  tau = jnp.exp(jnp.minimum(p["params"]["logit_scale"], math.log(100.0)))
+  cos = jnp.einsum("bnhd,bmhd->bhnm", unit(q), unit(k))
+  return naive_softmax(tau[None, :, None, None] * cos)
+
+
+def naive_linear_elu(p, q, k):
+  del p
+  a = jnp.einsum("bnhr,bmhr->bhnm", elu1(q), elu1(k))
+  return a / (a.sum(axis=-1, keepdims=True) + 1e-6)
+
+
+def naive_cog(p, q, k):
+  del p
+  s = naive_logits(q, k)
+  return jnp.sign(s) * naive_softmax(jnp.abs(s))
+
+
+# The naive weights(params, q, k) of every mechanism of this part: the reference cases, by name.
+REFERENCE_CASES = {
+    "mhsa": lambda p, q, k: naive_softmax(naive_logits(q, k)),
+    "sigmoid": lambda p, q, k: 1.0 / (1.0 + jnp.exp(-(naive_logits(q, k) - jnp.log(k.shape[1])))),
+    "relu": lambda p, q, k: jnp.maximum(naive_logits(q, k), 0.0) / k.shape[1],
+    "linear_elu": naive_linear_elu,
+    "performer": naive_performer,
+    "flatten": naive_flatten,
+    "agent": naive_agent,
+    "cosine": naive_cosine,
+    "clipped_softmax": lambda p, q, k: jnp.clip(1.025 * naive_softmax(naive_logits(q, k)) - 0.025,
+                                                0.0, 1.0),
+    "gated": lambda p, q, k: naive_softmax(naive_logits(q, k)),
+    "cog": naive_cog,
+}
+NAMES = [n for n in REFERENCE_CASES if n != "mhsa"]
 
 
 def naive_forward(name, p, x):
   q, k, v = naive_qkv(p["params"], x)
-  o = jnp.einsum("bhnm,bmhd->bnhd", naive_weights(name, p, x, q, k), v)
+  o = jnp.einsum("bhnm,bmhd->bnhd", REFERENCE_CASES[name](p, q, k), v)
   if name == "gated":
     g = p["params"]["gate"]
     o = o / (1.0 + jnp.exp(-(jnp.einsum("bnhd,hd->bnh", heads(x), g["kernel"]) + g["bias"])))[..., None]
@@ -138,7 +155,7 @@ def loss_and_grads(fn, p, x):
 
 
 # ----- the naive formulas, forward and backward -----
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(REFERENCE_CASES))
 def test_matches_naive_formula(name):
   m = make(name)
   p = init(m)
@@ -299,20 +316,29 @@ def test_performer_approaches_softmax():
   assert e1024 < e16 / 3, (e16, e1024)
 
 
-def test_performer_features_orthogonal_and_redraw():
+def test_performer_features_orthogonal():
   w = random_projection(jax.random.key(0), 2 * HD, HD)
   for blk in (w[:HD], w[HD:]):
     gram = np.asarray(blk @ blk.T)
     close(gram - np.diag(np.diag(gram)), np.zeros_like(gram), atol=1e-4)
+
+
+def test_performer_official_defaults_redraw_in_training_fixed_in_evaluation():
+  """256 features (the official nb_features); new ones on every training call, drawn from the
+  dropout stream the trainer passes; one fixed draw in evaluation."""
   m = make("performer")
   p = init(m)
+  assert m.num_features == 256 and make("performer").bind(p).projection(HD).shape == (256, HD)
+  train = lambda seed: m.apply(p, X, deterministic=False,  # noqa: E731
+                               rngs={"dropout": jax.random.key(seed)})[0]
+  assert float(jnp.abs(train(1) - train(2)).max()) > 1e-4
+  close(train(1), train(1), atol=0)
   y0 = run(m, p, X)[0]
-  close(run(m, p, X)[0], y0, atol=0)  # deterministic
-  at = lambda step: run(m, p, X, AttnContext(step=jnp.asarray(step)))[0]  # noqa: E731
-  close(at(999), at(0), atol=0)
-  assert float(jnp.abs(at(1000) - at(0)).max()) > 1e-4
-  close(run(make("performer", redraw_interval=0), p, X, AttnContext(step=jnp.asarray(5000)))[0],
-        y0, atol=0)
+  close(run(m, p, X)[0], y0, atol=0)
+  close(m.apply(p, X, AttnContext(step=jnp.asarray(5000)))[0], y0, atol=0)
+  fixed = make("performer", redraw=False)
+  close(fixed.apply(p, X, deterministic=False, rngs={"dropout": jax.random.key(1)})[0], y0,
+        atol=0)
 
 
 def test_performer_exact_softmax_cls_row():
@@ -346,6 +372,67 @@ def test_agent_grid_pools_queries():
   pa = naive_softmax(jnp.einsum("bahd,bmhd->bham", a, k) / math.sqrt(HD))
   o = jnp.einsum("bhna,bham,bmhd->bnhd", pq, pa, v).reshape(X.shape)
   close(y, o @ p["params"]["proj"]["kernel"] + p["params"]["proj"]["bias"])
+
+
+def naive_depthwise(img, conv):
+  """'SAME' depthwise convolution of img [B,h,w,C] (kernel [k,k,1,C], bias [C]) as shifted sums."""
+  k, (h, w) = conv["kernel"].shape[0], img.shape[1:3]
+  padded = jnp.pad(img, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
+  taps = [padded[:, a:a + h, b:b + w] * conv["kernel"][a, b, 0] for a in range(k) for b in range(k)]
+  return sum(taps) + conv["bias"]
+
+
+def perturbed(p, scale=0.3, seed=5):
+  """Zero-initialised tables and convolutions moved off zero, so every term enters the check."""
+  leaves, tree = jax.tree_util.tree_flatten(p)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree_util.tree_unflatten(
+      tree, [t + scale * jax.random.normal(key, t.shape) for t, key in zip(leaves, keys)])
+
+
+def test_agent_grid_naive():
+  """The official DeiT form: pooled-query agents, position biases (bilinear tables plus row and
+  column terms, separate prefix terms), two softmaxes and the 3x3 depthwise conv on V."""
+  ctx, side = AttnContext(grid=(4, 4)), 2
+  m = make("agent_grid", num_agents=side * side)
+  p = perturbed(init(m, X, ctx))
+  pp, pb = p["params"], p["params"]["pos_bias"]
+  q, k, v = naive_qkv(pp, X)
+  a = q[:, 1:].reshape(B, 2, 2, 2, 2, H, HD).mean(axis=(2, 4)).reshape(B, 4, H, HD)
+
+  def table(name):  # [H, agents, 16]: resized table + row term + column term
+    t = jax.image.resize(pb[f"{name}_bias"], (H, 4, 4, 4), method="bilinear", antialias=False)
+    return (t + pb[f"{name}_row"] + pb[f"{name}_col"]).reshape(H, 4, 16)
+  b1 = jnp.concatenate([jnp.broadcast_to(pb["ac_bias"], (H, 4, 1)), table("an")], -1)
+  b2 = jnp.concatenate([jnp.broadcast_to(pb["ca_bias"], (H, 1, 4)),
+                        table("na").transpose(0, 2, 1)], 1)
+  pa = naive_softmax(jnp.einsum("bahd,bmhd->bham", a, k) / math.sqrt(HD) + b1)
+  pq = naive_softmax(jnp.einsum("bnhd,bahd->bhna", q, a) / math.sqrt(HD) + b2)
+  o = jnp.einsum("bhna,bham,bmhd->bnhd", pq, pa, v)
+  dwc = naive_depthwise(v[:, 1:].reshape(B, 4, 4, D), pp["dwc"]).reshape(B, 16, H, HD)
+  o = o.at[:, 1:].add(dwc).reshape(X.shape)
+  close(run(m, p, X, ctx)[0], o @ pp["proj"]["kernel"] + pp["proj"]["bias"], atol=2e-5)
+
+
+def test_flatten_grid_naive():
+  """The original FLatten: K position embedding before the focusing, and the 5x5 depthwise conv
+  of d channels shared by the heads on V, added to the patch tokens."""
+  ctx = AttnContext(grid=(4, 4))
+  m = make("flatten_grid")
+  p = perturbed(init(m, X, ctx))
+  pp = p["params"]
+  q, k, v = naive_qkv(pp, X)
+  fq, fk = focus(q, pp["scale"]), focus(k + heads(pp["k_pos"]), pp["scale"])
+  z = 1.0 / (jnp.einsum("bnhr,bhr->bhn", fq, fk.mean(axis=1)) + 1e-6)
+  w = jnp.einsum("bnhr,bmhr->bhnm", fq, fk) / N * z[..., None]
+  o = jnp.einsum("bhnm,bmhd->bnhd", w, v)
+  img = v[:, 1:].transpose(0, 2, 1, 3).reshape(B * H, 4, 4, HD)
+  dwc = naive_depthwise(img, pp["dwc"]["conv"]).reshape(B, H, 16, HD).transpose(0, 2, 1, 3)
+  o = o.at[:, 1:].add(dwc).reshape(X.shape)
+  close(run(m, p, X, ctx)[0], o @ pp["proj"]["kernel"] + pp["proj"]["bias"], atol=2e-5)
+
+
+GRID_REFERENCE_CASES = {"agent_grid": test_agent_grid_naive, "flatten_grid": test_flatten_grid_naive}
 
 
 # ----- the contract -----
@@ -409,25 +496,30 @@ def test_aux_shapes_and_cls_row(name):
     close(kq["key_metric"], k.mean(axis=2), atol=1e-5)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_jit_matches_eager(name):
-  m = make(name)
-  p = init(m)
+def check_jit_matches_eager(m, p, atol=1e-6):
   fn = jax.jit(lambda p_, x_: m.apply(p_, x_, need=("cls_probs",)))
   y, aux = fn(p, X)
   y0, aux0 = m.apply(p, X, need=("cls_probs",))
   close(y, y0, atol=1e-5)
-  close(aux["cls_probs"], aux0["cls_probs"], atol=1e-6)
+  close(aux["cls_probs"], aux0["cls_probs"], atol=atol)
+
+
+def check_bf16(m):
+  y, aux = run(m, init(m), X.astype(jnp.bfloat16), need=("cls_probs",))
+  assert y.dtype == jnp.bfloat16
+  assert np.isfinite(np.asarray(y, np.float32)).all()
+  assert np.isfinite(np.asarray(aux["cls_probs"])).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_matches_eager(name):
+  m = make(name)
+  check_jit_matches_eager(m, init(m))
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bf16_smoke(name):
-  m = make(name, dtype=jnp.bfloat16)
-  p = init(m)
-  y, aux = run(m, p, X.astype(jnp.bfloat16), need=("cls_probs",))
-  assert y.dtype == jnp.bfloat16
-  assert np.isfinite(np.asarray(y, np.float32)).all()
-  assert np.isfinite(np.asarray(aux["cls_probs"])).all()
+  check_bf16(make(name, dtype=jnp.bfloat16))
 
 
 def test_capabilities():
@@ -440,8 +532,8 @@ def test_capabilities():
   assert all(caps[n].key_metric and caps[n].full_attn for n in NAMES)
 
 
-@pytest.mark.parametrize("name", NAMES + ["flatten_grid", "agent_grid"])
-def test_inside_tiny_vit(name):
+def check_tiny_vit(name):
+  """Forward and gradient of a tiny ViT with this attention are finite."""
   model = models.build(dict(variant="Ti/4", depth=2, attention=dict(name=name)), num_classes=10,
                        image_size=16)
   images = jax.random.normal(jax.random.key(2), (2, 16, 16, 3))
@@ -454,3 +546,8 @@ def test_inside_tiny_vit(name):
   value, grads = jax.value_and_grad(loss)(params)
   assert np.isfinite(float(value))
   assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("name", NAMES + ["flatten_grid", "agent_grid"])
+def test_inside_tiny_vit(name):
+  check_tiny_vit(name)

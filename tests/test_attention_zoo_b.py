@@ -13,6 +13,7 @@ import pytest
 from vitjax import attention, models
 from vitjax.attention import gqa as gqa_lib
 from vitjax.attention.base import AttnContext
+from vitjax.attention.causal_postcls import mask_ratio
 
 B, N, D, H = 2, 17, 64, 4
 DH = D // H
@@ -23,7 +24,16 @@ NAMES = ["gqa", "mqa", "kdgqa", "dgqa", "moh", "latte", "sra", "sra_tokenset", "
          "neural", "gaam", "levit_bias", "causal_postcls", "rope1d", "rope2d_axial", "routing"]
 OPTIONS = {"gqa": dict(num_kv_heads=2), "kdgqa": dict(num_kv_heads=2), "latte": dict(num_latents=8),
            "sra_tokenset": dict(num_pooled=4), "levit_bias": dict(grid=GRID),
-           "rope1d": dict(grid=GRID), "causal_postcls": dict(r=0.3)}
+           "rope1d": dict(grid=GRID), "causal_postcls": dict(r=0.3), "selective": dict(grid=GRID)}
+REFERENCE_CASES = {}  # name -> the test that checks the mechanism against its naive formula
+
+
+def reference(*names):
+  """Marks a test as the naive-formula reference of the mechanisms `names`."""
+  def deco(fn):
+    REFERENCE_CASES.update({n: fn for n in names})
+    return fn
+  return deco
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -133,6 +143,7 @@ def mhsa_with(params_src, x, ctx):
 
 
 # ----------------------------------------------------------------------------- G12/G13 gqa family
+@reference("gqa")
 def test_gqa_naive():
   mod, x, ctx = module("gqa", num_kv_heads=2), tokens(), context()
   variables = init(mod, x, ctx)
@@ -165,6 +176,7 @@ def test_key_norm_allocation():
   np.testing.assert_array_equal(gqa_lib.allocate_queries(jnp.asarray([5.0, 1.0]), 3), [0, 0, 0])
 
 
+@reference("kdgqa")
 def test_kdgqa_naive():
   mod, x, ctx = module("kdgqa", num_kv_heads=2), tokens(), context()
   variables = init(mod, x, ctx)
@@ -185,6 +197,20 @@ def test_kdgqa_naive():
             for b, g in enumerate(groups)]
     return out_proj(p, jnp.concatenate(outs))
   check_against(mod, variables, naive, x, ctx)
+
+
+@reference("mqa", "dgqa")
+def test_mqa_and_fresh_dgqa_naive():
+  """mqa: one K/V head for all queries; dgqa with its initial EMA (equal norms): uniform groups."""
+  x, ctx = tokens(), context()
+  for name, kv in (("mqa", 1), ("dgqa", 2)):
+    mod = module(name, num_kv_heads=kv)
+
+    def naive(p, x, kv=kv):
+      q, k, v = qkv(p, x, kv_heads=kv)
+      g = [h * kv // H for h in range(H)]
+      return out_proj(p, head_attend(q, k[:, :, g], v[:, :, g]))
+    check_against(mod, init(mod, x, ctx), naive, x, ctx)
 
 
 def test_dgqa_ema_updates_only_when_mutable():
@@ -229,6 +255,7 @@ def moh_gates(p, x, s, k):
   return jnp.concatenate([shared * mix[..., :1], routed * mix[..., 1:]], -1), r
 
 
+@reference("moh")
 def test_moh_naive():
   mod, x, ctx = module("moh", num_shared=2, num_active=3), tokens(), context()
   variables = init(mod, x, ctx, perturb=0.3)
@@ -269,6 +296,7 @@ def latte_naive(p, x, lat=8):
   return out_proj(p, jnp.stack(outs, 2))
 
 
+@reference("latte")
 def test_latte_naive_and_row_stochastic():
   mod, x, ctx = module("latte"), tokens(), context()
   variables = init(mod, x, ctx)
@@ -291,6 +319,7 @@ def sra_keys_naive(p, x, r):
   return jnp.concatenate([x[:, :1], red], axis=1)
 
 
+@reference("sra")
 def test_sra_naive_and_recomputed_cls_row():
   mod, x, ctx = module("sra", sr_ratio=2), tokens(), context()
   variables = init(mod, x, ctx)
@@ -327,6 +356,7 @@ def test_sra_ratio_one_is_plain_attention_and_linear_form_runs():
     run(mod, variables, x, context(grid=None))
 
 
+@reference("sra_tokenset")
 def test_sra_tokenset_naive():
   mod, x, ctx = module("sra_tokenset"), tokens(), context()
   variables = init(mod, x, ctx)
@@ -342,8 +372,30 @@ def test_sra_tokenset_naive():
 
 
 # ----------------------------------------------------------------------------- G17 selective
-def test_selective_naive_and_unit_temperatures_is_mhsa():
+def selective_official(p, x):
+  """The official position temperature: logits of query i (1-based) times 1 + e^{-e^beta} log i."""
+  q, k, v = qkv(p, x)
+  i = np.arange(1, x.shape[1] + 1, dtype=np.float32)
+  tau = 1.0 + jnp.exp(-jnp.exp(p["beta"])) * np.log(i)
+  return out_proj(p, head_attend(q * tau[None, :, None, None], k, v))
+
+
+@reference("selective")
+def test_selective_official_position_temperature():
   mod, x, ctx = module("selective"), tokens(), context()
+  variables = init(mod, x, ctx, perturb=0.0)
+  assert float(variables["params"]["beta"]) == 2.0  # the official initialisation
+  variables["params"]["beta"] = jnp.asarray(-1.0)   # a strong temperature, so the check has teeth
+  check_against(mod, variables, selective_official, x, ctx)
+  plain = mhsa_with(variables["params"], x, ctx)
+  assert float(jnp.abs(run(mod, variables, x, ctx)[0] - plain).max()) > 1e-2
+  # without ctx.pos the position is the sequence index: the same for the plain ViT layout
+  np.testing.assert_allclose(run(mod, variables, x, AttnContext())[0],
+                             run(mod, variables, x, ctx)[0], atol=1e-6)
+
+
+def test_selective_tanh_gate_naive_and_unit_temperatures_is_mhsa():
+  mod, x, ctx = module("selective", form="tanh_gate"), tokens(), context()
   variables = init(mod, x, ctx, perturb=0.0)
   np.testing.assert_allclose(run(mod, variables, x, ctx)[0],
                              mhsa_with(variables["params"], x, ctx), atol=ATOL)
@@ -357,8 +409,9 @@ def test_selective_naive_and_unit_temperatures_is_mhsa():
   check_against(mod, variables, naive, x, ctx)
 
 
-def test_selective_length_term():
-  mod, x, ctx = module("selective", ref_tokens=8), tokens(), context(size=jnp.ones((B, N)))
+def test_selective_tanh_gate_length_term():
+  mod = module("selective", form="tanh_gate", ref_tokens=8)
+  x, ctx = tokens(), context(size=jnp.ones((B, N)))
   variables = init(mod, x, ctx, perturb=0.2)
 
   def naive(p, x):
@@ -383,6 +436,7 @@ def neural_naive(p, x, act=jax.nn.relu):
   return out_proj(p, jnp.einsum("bhnm,bmhd->bnhd", softmax(s), v))
 
 
+@reference("neural")
 def test_neural_naive_concat_form():
   mod, x, ctx = module("neural", projection_dim=4), tokens(), context()
   check_against(mod, init(mod, x, ctx), neural_naive, x, ctx)
@@ -412,6 +466,7 @@ def gaam_naive(x, offsets, scales, heads):
   return x * mixture, mixture
 
 
+@reference("gaam")
 def test_gaam_gate_naive_and_mixture_sums_to_one():
   mod, x, ctx = module("gaam"), tokens(), AttnContext()
   variables = init(mod, x, ctx, perturb=0.0)
@@ -454,6 +509,7 @@ def levit_index(pos, grid):
   return idx
 
 
+@reference("levit_bias")
 def test_levit_bias_naive_zero_table_and_shift():
   mod, x, ctx = module("levit_bias"), tokens(), context()
   variables = init(mod, x, ctx, perturb=0.0)
@@ -485,6 +541,7 @@ def illama_naive(p, x_last, r):
   return out_proj(p, jnp.stack(outs, 2))
 
 
+@reference("causal_postcls")
 def test_causal_postcls_cls_first_equals_official_cls_last():
   mod, x, ctx = module("causal_postcls", r=0.3), tokens(), context()
   variables = init(mod, x, ctx)
@@ -512,9 +569,32 @@ def test_causal_postcls_special_cases():
   pre = module("causal_postcls", causal_impl="pre_softmax_mask", r=0.2)
   rows = run(pre, variables, x, ctx, need=("attn",))[1]["attn"].sum(-1)
   np.testing.assert_allclose(rows, 1.0, atol=1e-5)
-  sched = module("causal_postcls", r=None, schedule="constant", cutoff_steps=10)
-  y_early = run(sched, variables, x, context(step=jnp.asarray(3)))[0]
+  sched = module("causal_postcls", r=None)  # the soft phase: the first 50/300 of training
+  y_early = run(sched, variables, x, context(progress=jnp.float32(0.1)))[0]
   np.testing.assert_allclose(y_early, run(full, variables, x, ctx)[0], atol=1e-6)
+  y_late = run(sched, variables, x, context(progress=jnp.float32(0.5)))[0]
+  np.testing.assert_allclose(y_late, run(sched, variables, x, ctx)[0], atol=1e-6)  # = evaluation
+
+
+def official_mask_schedule(r0, epochs, iters_per_epoch, cutoff_epoch, schedule):
+  """iLLaMA's mask_scheduler in soft mode, written here: the ratio at every training iteration."""
+  early = cutoff_epoch * iters_per_epoch
+  soft = np.full(early, r0) if schedule == "constant" else np.linspace(r0, 0, early)
+  return np.concatenate([soft, np.zeros((epochs - cutoff_epoch) * iters_per_epoch)])
+
+
+@pytest.mark.parametrize("schedule,cutoff_epoch", [("constant", 50), ("linear", 240)])
+def test_causal_postcls_mask_ratio_follows_the_official_schedule(schedule, cutoff_epoch):
+  """Start, middle and end of a 300-epoch run. The official linspace reaches 0 on the last soft
+  iteration, the progress form one iteration later: they differ by at most one decrement."""
+  epochs, per_epoch, r0 = 300, 10, 0.8
+  total = epochs * per_epoch
+  official = official_mask_schedule(r0, epochs, per_epoch, cutoff_epoch, schedule)
+  one_step = r0 / (cutoff_epoch * per_epoch - 1) if schedule == "linear" else 0.0
+  for it in (0, total // 2, total - 1):
+    ours = mask_ratio(None, jnp.float32(it / total), schedule, cutoff_epoch / epochs, r0)
+    np.testing.assert_allclose(float(ours), official[it], atol=one_step + 1e-7)
+  assert float(mask_ratio(None, None, schedule, cutoff_epoch / epochs, r0)) == 0.0  # evaluation
 
 
 # ----------------------------------------------------------------------------- G22 rope
@@ -550,6 +630,7 @@ def rope_naive_np(name, p, x, pos):
   return out_proj(p, y)
 
 
+@reference("rope1d", "rope2d_axial")
 @pytest.mark.parametrize("name", ["rope1d", "rope2d_axial"])
 def test_rope_naive_zero_positions_and_shift(name):
   mod, x, ctx = module(name), tokens(), context()
@@ -589,6 +670,7 @@ def test_rope_gradient_matches_plain_jax_rotation():
 
 
 # ----------------------------------------------------------------------------- G23 routing
+@reference("routing")
 def test_routing_naive_one_cluster_and_kmeans_update():
   mod, x, ctx = module("routing"), tokens(), context()
   variables = init(mod, x, ctx)

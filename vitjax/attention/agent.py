@@ -1,5 +1,6 @@
 """G7 `agent`: agent attention (Han et al. 2024, "Agent Attention: On the Integration of Softmax and
-Linear Attention"), following the official LeapLabTHU DeiT code.
+Linear Attention"), following the official DeiT code
+(https://github.com/LeapLabTHU/Agent-Attention).
 
 n agent tokens A per head first aggregate from the keys, then broadcast to the queries:
   V_A = softmax(A K^T / sqrt(d) + B1) V;   O = softmax(Q A^T / sqrt(d) + B2) V_A   (O(N n d)),
@@ -18,29 +19,16 @@ Sizes (R2): log s_j (the key bias) enters the aggregation softmax over keys; the
 runs over agents and needs nothing. The [CLS] row is exact: P_eff[cls] = P_q[cls] P_a, O(n N).
 """
 import math
-from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, weighted_values)
-from vitjax.attention.linear_elu import cls_query
+from vitjax.attention.base import (Attention, Capabilities, adaptive_pool_matrix,
+                                   projection_macs)
 
-IMPLS = ("reference", "xla")
 SOURCES = ("learned", "pool_grid")
-
-
-def adaptive_pool_matrix(size_in: int, size_out: int) -> np.ndarray:
-  """[out, in] averaging matrix with PyTorch's AdaptiveAvgPool bins [floor(i*in/out), ceil(...))."""
-  m = np.zeros((size_out, size_in), np.float32)
-  for i in range(size_out):
-    lo, hi = (i * size_in) // size_out, -(-((i + 1) * size_in) // size_out)
-    m[i, lo:hi] = 1.0 / (hi - lo)
-  return m
 
 
 def pool_agents(q, grid, num_prefix: int, num_agents: int):
@@ -95,10 +83,27 @@ class AgentBiases(nn.Module):
     return b1[None], b2[None]
 
 
+def agent_macs(n, width, num_heads, *, num_agents, agent_source, biases, dwc, num_prefix=1,
+               **_):
+  """Projections + the four agent products (A K^T, P_a V, Q A^T, P_q V_A), 4 n a D; the grid form
+  adds the query pooling, the bilinear resize of the bias tables and the 3x3 depthwise conv."""
+  grid = math.isqrt(n - num_prefix)
+  side = math.isqrt(num_agents)
+  total = projection_macs(n, width) + 4 * n * num_agents * width
+  if agent_source == "pool_grid":  # rows, then columns of the patch grid
+    total += side * grid * grid * width + side * side * grid * width
+  if biases:  # two tables per direction, each resized along rows, then columns
+    total += 2 * num_heads * num_agents * (grid * side * side + grid * grid * side)
+  if dwc:
+    total += (n - num_prefix) * 9 * width
+  return total
+
+
 @registry.register(
-    "agent", caps=Capabilities(cls_probs="exact"),
+    "agent", caps=Capabilities(cls_probs="exact"), impls=("reference", "xla"),
     paper="Agent Attention: On the Integration of Softmax and Linear Attention (Han et al. 2024)",
-    complexity="O(N n D)")
+    official="https://github.com/LeapLabTHU/Agent-Attention", complexity="O(N n D)",
+    macs=agent_macs)
 class AgentAttention(Attention):
   """Agent attention; this name is the grid-free variant with learned agents (see `agent_grid`)."""
   num_agents: int = 49
@@ -108,8 +113,6 @@ class AgentAttention(Attention):
   materialise: bool = False
 
   def check(self, ctx):
-    if self.impl not in IMPLS:
-      raise ValueError(f"agent attention has impls {IMPLS}, got {self.impl!r}")
     if self.agent_source not in SOURCES:
       raise ValueError(f"agent_source must be one of {SOURCES}, got {self.agent_source!r}")
     grid_bound = self.agent_source == "pool_grid" or self.biases or self.dwc
@@ -135,37 +138,21 @@ class AgentAttention(Attention):
                    name="dwc")(img)
     return y.at[:, p:].add(conv.reshape(b, n - p, h, d).astype(y.dtype))
 
-  @nn.compact
-  def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
+  def mix(self, x, q, k, v, bias, ctx, *, need, deterministic):
     self.check(ctx)
-    q, k, v = self.project_qkv(x)
-    bias = additive_key_bias(ctx, x.shape[1])
     b1 = b2 = None
     if self.biases:
       b1, b2 = AgentBiases(self.num_heads, self.num_agents, name="pos_bias")(ctx.grid,
                                                                           ctx.num_prefix)
     pq, pa = agent_factors(q, k, self.agents(q, ctx), bias, b1, b2)
-    wq, wa = self.dropout_weights(pq, deterministic), self.dropout_weights(pa, deterministic)
-    probs = None
-    if self.materialise or "attn" in need:
-      probs = jnp.einsum("bhna,bham->bhnm", pq, pa)
-    if self.materialise and wq is pq and wa is pa:
-      y = weighted_values(probs.astype(v.dtype), v)
-    else:
-      va = jnp.einsum("bham,bmhd->bahd", wa.astype(v.dtype), v)
-      y = jnp.einsum("bhna,bahd->bnhd", wq.astype(v.dtype), va)
-    if self.dwc:
-      y = self.rank_restoration(y, v, ctx)
-    cls_index = cls_query(ctx)
-    row_fn = lambda: jnp.einsum("bha,bham->bhm", pq[:, :, cls_index()], pa)  # noqa: E731
-    aux = collect_aux(need, probs=probs, q=q, k=k, v=v, ctx=ctx, row_fn=row_fn)
-    return self.project_out(y, x.shape[-1], deterministic), aux
+    y, aux = self.attend_factored(pq, pa, v, ctx, need=need, deterministic=deterministic, keys=k,
+                                  materialise=self.materialise, drop_factors=True)
+    return (self.rank_restoration(y, v, ctx) if self.dwc else y), aux
 
 
-@registry.register(
-    "agent_grid", caps=Capabilities(cls_probs="exact", needs_grid=True),
-    paper="Agent Attention: On the Integration of Softmax and Linear Attention (Han et al. 2024)",
-    complexity="O(N n D) + 9 N D", tier="S")
+@registry.register("agent_grid", like="agent",
+                   caps=Capabilities(cls_probs="exact", needs_grid=True),
+                   complexity="O(N n D) + 9 N D")
 class AgentGridAttention(AgentAttention):
   """The original DeiT form: pooled-query agents, position biases and a 3x3 DWC on V."""
   agent_source: str = "pool_grid"

@@ -1,5 +1,6 @@
 """G9 `clipped_softmax` (Bondarenko et al. 2023, "Quantizable Transformers: Removing Outliers by
-Helping Attention Heads Do Nothing"), following the official Qualcomm code.
+Helping Attention Heads Do Nothing"), following the official Qualcomm code
+(https://github.com/Qualcomm-AI-research/outlier-free-transformers).
 
 P = clip((zeta - gamma) softmax(S) + gamma, 0, 1);  O = P V.
 gamma < 0 lets a head reach exact zeros (a "no-op") without pushing the logits to extremes.
@@ -18,15 +19,11 @@ A masked key (s_j = 0) gets weight 0.
 """
 from typing import Optional
 
-import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, weighted_values)
-from vitjax.attention.mhsa import softmax_weights
-
-IMPLS = ("reference", "xla")  # both run the einsum path
+from vitjax.attention.base import Attention, elementwise, quadratic_macs
 
 
 def clipped_weights(probs, gamma, zeta: float, sizes=None):
@@ -35,12 +32,12 @@ def clipped_weights(probs, gamma, zeta: float, sizes=None):
   return jnp.clip((zeta - gamma) * probs + gamma * s, 0.0, s)
 
 
-@registry.register(
-    "clipped_softmax", caps=Capabilities(),
-    paper="Quantizable Transformers: clipped softmax (Bondarenko et al. 2023)",
-    complexity="O(N^2 D)")
+@registry.register("clipped_softmax", impls=("reference", "xla"),
+                   paper="Quantizable Transformers: clipped softmax (Bondarenko et al. 2023)",
+                   official="https://github.com/Qualcomm-AI-research/outlier-free-transformers",
+                   complexity="O(N^2 D)", macs=quadratic_macs)
 class ClippedSoftmaxAttention(Attention):
-  """Softmax stretched to [gamma, zeta] and clipped to [0, 1]."""
+  """Softmax stretched to [gamma, zeta] and clipped to [0, 1] (impl xla: the same einsums)."""
   gamma: float = -0.025
   zeta: float = 1.0
   alpha: Optional[float] = None   # if set, gamma = -alpha / T instead of `gamma`
@@ -55,16 +52,10 @@ class ClippedSoftmaxAttention(Attention):
       return -self.alpha / n
     return -self.alpha / jnp.exp(bias).sum(axis=-1, keepdims=True)
 
-  @nn.compact
-  def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
-    if self.impl not in IMPLS:
-      raise ValueError(f"clipped_softmax attention has impls {IMPLS}, got {self.impl!r}")
-    q, k, v = self.project_qkv(x)
-    bias = additive_key_bias(ctx, x.shape[1])
+  def clip(self, logits, bias):
+    probs = jax.nn.softmax(logits if bias is None else logits + bias, axis=-1)
     sizes = None if bias is None else jnp.exp(bias)
-    w = clipped_weights(softmax_weights(q, k, bias), self.stretch_low(bias, x.shape[1]),
-                        self.zeta, sizes)
-    wd = self.dropout_weights(w, deterministic)
-    y = weighted_values(wd.astype(v.dtype), v)
-    aux = collect_aux(need, probs=w, q=q, k=k, v=v, ctx=ctx)
-    return self.project_out(y, x.shape[-1], deterministic), aux
+    return clipped_weights(probs, self.stretch_low(bias, logits.shape[-1]), self.zeta, sizes)
+
+  def weight_fn(self):
+    return elementwise(self.clip)

@@ -1,5 +1,6 @@
 """G6 `flatten`: focused linear attention (Han et al. 2023, "FLatten Transformer: Vision Transformer
-using Focused Linear Attention"), following the official LeapLabTHU code.
+using Focused Linear Attention"), following the official code
+(https://github.com/LeapLabTHU/FLatten-Transformer).
 
 1. u = ReLU(x) + 1e-6, then u / softplus(theta); theta in R^D is learned, initialised to 0.
 2. Focusing function f_p(u) = (|u| / |u^p|) u^p with p = 3; the norms run over all D channels,
@@ -16,18 +17,13 @@ needs the raster grid and the second a fixed token count (both break under token
 
 Sizes (R2): the means over keys become size-weighted means, sum_j s_j (.) / sum_j s_j, s_j = exp(beta_j).
 """
-from typing import Optional
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux)
-from vitjax.attention.linear_elu import kernel_attend, key_weights
+from vitjax.attention.base import Attention, Capabilities, kernel_macs, key_weights
 
-IMPLS = ("reference", "xla")
 
 
 def focused_feature(x, scale_param, p: int):
@@ -60,10 +56,16 @@ class DepthwiseConv(nn.Module):
     return out.reshape(b, h, n, d).transpose(0, 2, 1, 3)
 
 
-@registry.register(
-    "flatten", caps=Capabilities(cls_probs="exact"),
-    paper="FLatten Transformer: focused linear attention (Han et al. 2023)",
-    complexity="O(N d D)")
+def flatten_macs(n, width, num_heads, *, dwc, kernel_size, num_prefix=1, **_):
+  """The kernel core with d features + the depthwise k x k conv on the patch tokens (dwc)."""
+  conv = (n - num_prefix) * kernel_size ** 2 * width if dwc else 0
+  return kernel_macs(n, width, num_heads) + conv
+
+
+@registry.register("flatten", caps=Capabilities(cls_probs="exact"), impls=("reference", "xla"),
+                   paper="FLatten Transformer: focused linear attention (Han et al. 2023)",
+                   official="https://github.com/LeapLabTHU/FLatten-Transformer",
+                   complexity="O(N d D)", macs=flatten_macs)
 class FLattenAttention(Attention):
   """Focused linear attention; this name is the grid-free variant (see `flatten_grid`)."""
   focusing_factor: int = 3
@@ -73,8 +75,6 @@ class FLattenAttention(Attention):
   materialise: bool = False
 
   def check(self, ctx):
-    if self.impl not in IMPLS:
-      raise ValueError(f"flatten attention has impls {IMPLS}, got {self.impl!r}")
     if (self.dwc or self.k_pos) and not self.caps.needs_grid:
       raise ValueError("flatten with dwc=True or k_pos=True needs the token grid: use the "
                        "attention name 'flatten_grid' (not valid after token reduction)")
@@ -96,25 +96,20 @@ class FLattenAttention(Attention):
     conv = DepthwiseConv(self.kernel_size, self.dtype, name="dwc")(v[:, p:], ctx.grid)
     return y.at[:, p:].add(conv.astype(y.dtype))
 
-  @nn.compact
-  def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
+  def mix(self, x, q, k, v, bias, ctx, *, need, deterministic):
     self.check(ctx)
-    q, k, v = self.project_qkv(x)
     fq, fk = self.features(q, k)
-    kw = mean_weights(key_weights(additive_key_bias(ctx, x.shape[1])), x.shape[1], x.shape[0])
-    y, probs, row_fn = kernel_attend(self, fq, fk, v, kw, eps=1e-6, need=need,
-                                     deterministic=deterministic, materialise=self.materialise,
-                                     ctx=ctx)
+    kw = mean_weights(key_weights(bias), x.shape[1], x.shape[0])
+    y, aux = self.attend_kernel(fq, fk, v, kw, ctx, eps=1e-6, need=need,
+                                deterministic=deterministic, keys=k, materialise=self.materialise)
     if self.dwc:
       y = self.rank_restoration(y, v, ctx)
-    aux = collect_aux(need, probs=probs, q=q, k=k, v=v, ctx=ctx, row_fn=row_fn)
-    return self.project_out(y, x.shape[-1], deterministic), aux
+    return y, aux
 
 
-@registry.register(
-    "flatten_grid", caps=Capabilities(cls_probs="exact", needs_grid=True),
-    paper="FLatten Transformer: focused linear attention (Han et al. 2023)",
-    complexity="O(N d D) + k^2 N D", tier="S")
+@registry.register("flatten_grid", like="flatten",
+                   caps=Capabilities(cls_probs="exact", needs_grid=True),
+                   complexity="O(N d D) + k^2 N D")
 class FLattenGridAttention(FLattenAttention):
   """The original FLatten: + DWC rank restoration over the grid and a K position embedding."""
   dwc: bool = True

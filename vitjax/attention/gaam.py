@@ -5,8 +5,9 @@ Not a pairwise attention: along the normalised axis (tokens here) each channel g
   G_g = exp(-((x - (mu + delta_g)) / sqrt(var))^2 / (2 c_g^2)) / sqrt(2 pi c_g^2), g = 1..num_gaussians,
   M = prod_g G_g / sum_axis prod_g G_g,   GAAM(x) = x * M,
 with learned offsets delta (init 0) and scales c (init standard normal, only |c| matters), as in the
-official gioannides/Gaussian-Adaptive-Attention code (eps 1e-8; the product over Gaussians and the
-normalisation along the axis follow it). "Multi-head" gives each head its own (delta, c):
+official code (https://github.com/gioannides/Gaussian-Adaptive-Attention; eps 1e-8; the product
+over Gaussians and the normalisation along the axis follow it). "Multi-head" gives each head its
+own (delta, c):
   head_axis="channels" (default, own design): heads split the channels; statistics stay over all
       tokens, so the layer is permutation-equivariant over tokens and works on any token set;
   head_axis="tokens" (official): heads split the normalised (token) axis into chunks (the last chunk
@@ -23,8 +24,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import Attention, AttnContext, Capabilities, weighted_values
-from vitjax.attention.mhsa import softmax_weights
+from vitjax.attention.base import Attention, AttnContext, Capabilities, quadratic_macs
 
 
 def gaussian_mixture(x, offsets, scales, eps: float = 1e-8):
@@ -70,11 +70,21 @@ class GAAM(nn.Module):
     return jnp.concatenate(out, axis=axis)
 
 
-@registry.register(
-    "gaam", caps=Capabilities(cls_probs="none", key_metric=False, size_semantics=False,
-                              key_bias=False, full_attn=False),
-    paper="Gaussian Adaptive Attention is All You Need (Ioannides et al. 2024)",
-    complexity="O(N D G) (+ MHSA in gate mode)")
+def gaam_macs(n, width, num_heads, *, mode, **_):
+  """Gate mode: MHSA's after the mixture; mixer mode: the output projection only. The mixture
+  itself is elementwise (its ~G x 10 operations per entry are in the registered tolerance)."""
+  return quadratic_macs(n, width, num_heads) if mode == "gate" else n * width * width
+
+
+# no reducer signals, no key bias: see the module docstring
+GAAM_CAPS = Capabilities(cls_probs="none", key_metric=False, size_semantics=False, key_bias=False,
+                         full_attn=False)
+
+
+@registry.register("gaam", caps=GAAM_CAPS,
+                   paper="Gaussian Adaptive Attention is All You Need (Ioannides et al. 2024)",
+                   official="https://github.com/gioannides/Gaussian-Adaptive-Attention",
+                   complexity="O(N D G) (+ MHSA in gate mode)", macs=gaam_macs)
 class GaussianAdaptive(Attention):
   """GAAM as a gate in front of softmax attention, or as a standalone token-wise mixer."""
   num_gaussians: int = 4
@@ -84,22 +94,17 @@ class GaussianAdaptive(Attention):
 
   @nn.compact
   def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
-    if self.impl != "reference":
-      raise ValueError(f"gaam has only impl='reference', got {self.impl!r}")
     if ctx is not None and (ctx.key_bias is not None or ctx.valid is not None):
       raise ValueError("gaam cannot take a key bias or key mask (its statistics span all tokens)")
     if need:
       raise ValueError(f"gaam provides no reducer signals, asked for {sorted(need)}")
+    if self.mode not in ("gate", "mixer"):
+      raise ValueError(f"unknown gaam mode {self.mode!r}; valid: gate, mixer")
     gaam = GAAM(self.gaam_heads or self.num_heads, self.num_gaussians, self.head_axis,
                 name="gaam")
     if self.mode == "mixer":
-      y = gaam(x).astype(x.dtype)
-      y = nn.Dense(x.shape[-1], dtype=self.dtype, name="proj")(y)
-      return nn.Dropout(self.proj_drop)(y, deterministic=deterministic), {}
-    if self.mode != "gate":
-      raise ValueError(f"unknown gaam mode {self.mode!r}; valid: gate, mixer")
+      return self.project_out(gaam(x).astype(x.dtype), x.shape[-1], deterministic), {}
     x = x + gaam(x).astype(x.dtype)
-    q, k, v = self.project_qkv(x)
-    w = self.dropout_weights(softmax_weights(q, k), deterministic)
-    y = weighted_values(w.astype(v.dtype), v)
+    q, k, v = self.project(x)
+    y, _ = self.attend(q, k, v, None, None, need=(), deterministic=deterministic)
     return self.project_out(y, x.shape[-1], deterministic), {}

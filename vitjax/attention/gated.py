@@ -1,5 +1,6 @@
 """G10 `gated`: gated attention (Bondarenko et al. 2023, "Quantizable Transformers: Removing Outliers
-by Helping Attention Heads Do Nothing"), following the official Qualcomm code.
+by Helping Attention Heads Do Nothing"), following the official Qualcomm code
+(https://github.com/Qualcomm-AI-research/outlier-free-transformers).
 
 O_ih = g_ih (P_h V_h)_i with g_ih = sigmoid(f_h(x_i^(h))), x_i^(h) the h-th d-sized chunk of the
 layer's input (the block's normalised hidden state, not V): a per-token, per-head gate that lets a
@@ -8,20 +9,17 @@ head output nothing without pushing its softmax to extremes (the official `condi
   the README example is gate_init = 0.25 (the default here; the ViT value is not verified).
 - `gate_type="mlp"`: f_h = d -> d/4 -> 1 with ReLU (the BERT script's gate; PyTorch default init).
 Weights without a special init follow PyTorch's Linear default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-The softmax is untouched (query-side gate), so it runs through the `mhsa` paths and the [CLS] row is
-exact softmax; sizes enter as log s_j on the logits.
+The softmax is untouched (query-side gate), so it runs through the softmax core's paths and the
+[CLS] row is exact softmax; sizes enter as log s_j on the logits.
 """
 import math
-from typing import Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, weighted_values)
-from vitjax.attention.mhsa import IMPLS, cls_softmax_row, fused_softmax, softmax_weights
+from vitjax.attention.base import Attention, SOFTMAX_IMPLS, quadratic_macs
 
 GATE_TYPES = ("linear", "mlp")
 
@@ -56,35 +54,26 @@ class HeadGate(nn.Module):
     return jax.nn.sigmoid(alpha)[..., None]
 
 
-@registry.register(
-    "gated", caps=Capabilities(),
-    paper="Quantizable Transformers: gated attention (Bondarenko et al. 2023)",
-    complexity="O(N^2 D) + O(N D)")
+def gated_macs(n, width, num_heads, *, gate_type, **_):
+  """+ the gate on every token and head: d -> 1 (linear) or d -> d/4 -> 1 (mlp)."""
+  d = width // num_heads
+  r = max(d // 4, 1)
+  gate = width if gate_type == "linear" else num_heads * (d * r + r)
+  return quadratic_macs(n, width, num_heads) + n * gate
+
+
+@registry.register("gated", impls=SOFTMAX_IMPLS,
+                   paper="Quantizable Transformers: gated attention (Bondarenko et al. 2023)",
+                   official="https://github.com/Qualcomm-AI-research/outlier-free-transformers",
+                   complexity="O(N^2 D) + O(N D)", macs=gated_macs)
 class GatedAttention(Attention):
   """Softmax attention whose per-head output is scaled by a token-conditioned sigmoid gate."""
   gate_type: str = "linear"
   gate_init: float = 0.25
 
-  @nn.compact
-  def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
-    if self.impl not in IMPLS:
-      raise ValueError(f"unknown attention impl {self.impl!r}; valid: {IMPLS}")
+  def mix(self, x, q, k, v, bias, ctx, *, need, deterministic):
     if self.gate_type not in GATE_TYPES:
       raise ValueError(f"gate_type must be one of {GATE_TYPES}, got {self.gate_type!r}")
-    q, k, v = self.project_qkv(x)
-    bias = additive_key_bias(ctx, x.shape[1])
-    materialise = self.impl == "reference" or "attn" in need or (
-        self.attn_drop > 0 and not deterministic)
-    probs = None
-    if materialise:
-      probs = softmax_weights(q, k, bias)
-      w = self.dropout_weights(probs, deterministic)
-      y = weighted_values(w.astype(v.dtype), v)
-    else:
-      y = fused_softmax(q, k, v, bias, self.impl)
+    y, aux = super().mix(x, q, k, v, bias, ctx, need=need, deterministic=deterministic)
     xh = x.reshape(*x.shape[:2], self.num_heads, -1)
-    y = y * HeadGate(self.gate_type, self.gate_init, name="gate")(xh).astype(y.dtype)
-    cls_index = 0 if ctx is None else ctx.cls_index
-    aux = collect_aux(need, probs=probs, q=q, k=k, v=v, ctx=ctx,
-                      row_fn=lambda: cls_softmax_row(q, k, bias, cls_index))
-    return self.project_out(y, x.shape[-1], deterministic), aux
+    return y * HeadGate(self.gate_type, self.gate_init, name="gate")(xh).astype(y.dtype), aux

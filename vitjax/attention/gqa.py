@@ -18,15 +18,12 @@ the spec as (own knowledge ?).
 """
 from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, weighted_values)
-from vitjax.attention.mhsa import IMPLS, cls_softmax_row, fused_softmax, softmax_weights
+from vitjax.attention.base import Attention, AttnContext, Capabilities, SOFTMAX_IMPLS
 
 PAPER = "Key-Driven Grouped Query Attention (Khan et al. 2024); GQA (Ainslie et al. 2023)"
 
@@ -106,54 +103,54 @@ class GroupedQueryAttention(Attention):
       ema.value = self.ema_decay * ema.value + (1 - self.ema_decay) * batch
     return ema.value
 
-  @nn.compact
-  def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
-    if self.impl not in IMPLS:
-      raise ValueError(f"unknown attention impl {self.impl!r}; valid: {IMPLS}")
+  def kv_heads(self) -> int:
     g = default_kv_heads(self.num_heads) if self.num_kv_heads is None else self.num_kv_heads
     if not 1 <= g <= self.num_heads:
       raise ValueError(f"num_kv_heads must be in 1..{self.num_heads}, got {g}")
-    q, k, v = self.project_qkv(x, num_kv_heads=g)
+    return g
+
+  def project(self, x):
+    return self.project_qkv(x, num_kv_heads=self.kv_heads())
+
+  def mix(self, x, q, k, v, bias, ctx, *, need, deterministic):
+    # repeated K/V on every path: at ViT lengths there is no K/V cache to save (spec pitfall)
     groups = self.groups(k, ctx, deterministic)
-    k_rep, v_rep = expand_heads(k, groups), expand_heads(v, groups)
-    bias = additive_key_bias(ctx, x.shape[1])
-    materialise = self.impl == "reference" or "attn" in need or (
-        self.attn_drop > 0 and not deterministic)
-    probs = None
-    if materialise:
-      probs = softmax_weights(q, k_rep, bias)
-      w = self.dropout_weights(probs, deterministic)
-      y = weighted_values(w.astype(v.dtype), v_rep)
-    else:  # repeated K/V: at ViT lengths there is no K/V cache to save (spec pitfall)
-      y = fused_softmax(q, k_rep, v_rep, bias, self.impl)
-    cls_index = 0 if ctx is None else ctx.cls_index
-    aux = collect_aux(need, probs=probs, q=q, k=k, v=v_rep, ctx=ctx,
-                      row_fn=lambda: cls_softmax_row(q, k_rep, bias, cls_index))
-    return self.project_out(y, x.shape[-1], deterministic), aux
+    return self.attend(q, expand_heads(k, groups), expand_heads(v, groups), bias, ctx, need=need,
+                       deterministic=deterministic, keys=k)
+
+
+def gqa_macs(n, width, num_heads, *, num_kv_heads, **_):
+  """q and output projections n D^2 each, K/V projections 2 n D G d, Q K^T and P V 2 n^2 D."""
+  g = default_kv_heads(num_heads) if num_kv_heads is None else num_kv_heads
+  return 2 * n * width * width + 2 * n * width * g * (width // num_heads) + 2 * n * n * width
 
 
 CAPS = Capabilities()
 
 
-@registry.register("gqa", caps=CAPS, paper=PAPER, complexity="O(N^2 D); K/V params x G/H")
+@registry.register("gqa", caps=CAPS, impls=SOFTMAX_IMPLS, paper=PAPER,
+                   complexity="O(N^2 D); K/V params x G/H", macs=gqa_macs)
 class GQA(GroupedQueryAttention):
   """Grouped-query attention, static uniform groups (default G: half the heads)."""
 
 
-@registry.register("mqa", caps=CAPS, paper="Multi-query attention (Shazeer 2019); GQA family",
-                   complexity="O(N^2 D); K/V params x 1/H")
+@registry.register("mqa", caps=CAPS, impls=SOFTMAX_IMPLS,
+                   paper="Multi-query attention (Shazeer 2019); GQA family",
+                   complexity="O(N^2 D); K/V params x 1/H", macs=gqa_macs)
 class MQA(GroupedQueryAttention):
   """Multi-query attention: every query head shares one K/V head (G = 1)."""
   num_kv_heads: Optional[int] = 1
 
 
-@registry.register("kdgqa", caps=CAPS, paper=PAPER, complexity="O(N^2 D) + O(N D)")
+@registry.register("kdgqa", caps=CAPS, impls=SOFTMAX_IMPLS, paper=PAPER,
+                   complexity="O(N^2 D) + O(N D)", macs=gqa_macs)
 class KDGQA(GroupedQueryAttention):
   """Key-distributed GQA: query heads allocated from this pass's key-head norms."""
   allocation: str = "key_norm"
 
 
-@registry.register("dgqa", caps=CAPS, paper=PAPER, complexity="O(N^2 D) + O(N D)")
+@registry.register("dgqa", caps=CAPS, impls=SOFTMAX_IMPLS, paper=PAPER,
+                   complexity="O(N^2 D) + O(N D)", macs=gqa_macs)
 class DGQA(GroupedQueryAttention):
   """Dynamic key-distributed GQA: query heads allocated from an EMA of key-head norms."""
   allocation: str = "key_norm_ema"

@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, weighted_values)
+from vitjax.attention.base import Attention, AttnContext, Capabilities, additive_key_bias
 
 
 def latent_weights(qt, kt, bias=None):
@@ -31,25 +30,22 @@ def latent_weights(qt, kt, bias=None):
   return a, jax.nn.softmax(logits, axis=-1)
 
 
-def cls_row(a, p, cls_index):
-  """Exact [CLS] row of P_eff, [B,H,N], in O(L N)."""
-  if cls_index is None:
-    raise ValueError("this model has no [CLS] token, so there is no [CLS] attention row")
-  return jnp.einsum("bhl,bhlm->bhm", a[:, :, cls_index], p)
+def latte_macs(n, width, num_heads, *, num_latents, **_):
+  """Latent maps D -> H L for queries and keys, value and output projections, and the two
+  latent products p(j|l) V and p(l|i) (.), n L D each."""
+  latents = 2 * n * width * num_heads * num_latents + 2 * n * num_latents * width
+  return latents + 2 * n * width * width
 
 
-@registry.register(
-    "latte", caps=Capabilities(key_metric=False),
-    paper="Latte: Latent Attention for Linear Time Transformers (Dolga et al. 2024)",
-    complexity="O(N L D)")
+@registry.register("latte", caps=Capabilities(key_metric=False),
+                   paper="Latte: Latent Attention for Linear Time Transformers (Dolga et al. 2024)",
+                   complexity="O(N L D)", macs=latte_macs)
 class Latte(Attention):
   """Two softmaxes through L latents per head; linear in the number of tokens."""
   num_latents: int = 64
 
   @nn.compact
   def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
-    if self.impl != "reference":
-      raise ValueError(f"latte has only impl='reference', got {self.impl!r}")
     if self.qk_norm:
       raise ValueError("latte has no query/key head vectors to normalise; set qk_norm=False")
     b, n, width = x.shape
@@ -58,15 +54,7 @@ class Latte(Attention):
     qt = dense(h * lat, "q_latent")(x).reshape(b, n, h, lat)
     kt = dense(h * lat, "k_latent")(x).reshape(b, n, h, lat)
     v = dense(width, "v")(x).reshape(b, n, h, d)
-    bias = additive_key_bias(ctx, n)
-    a, p = latent_weights(qt, kt, bias)
-    if self.attn_drop > 0 and not deterministic:  # dropout acts on the effective weights
-      probs = self.dropout_weights(jnp.einsum("bhnl,bhlm->bhnm", a, p), deterministic)
-      y = weighted_values(probs.astype(v.dtype), v)
-    else:
-      state = jnp.einsum("bhlm,bmhd->bhld", p, v.astype(jnp.float32))
-      y = jnp.einsum("bhnl,bhld->bnhd", a, state).astype(v.dtype)
-    probs = jnp.einsum("bhnl,bhlm->bhnm", a, p) if "attn" in need else None
-    cls_index = 0 if ctx is None else ctx.cls_index
-    aux = collect_aux(need, probs=probs, v=v, ctx=ctx, row_fn=lambda: cls_row(a, p, cls_index))
-    return self.project_out(y, width, deterministic), aux
+    a, p = latent_weights(qt, kt, additive_key_bias(ctx, n))
+    y, aux = self.attend_factored(a, p, v.astype(jnp.float32), ctx, need=tuple(need),
+                                  deterministic=deterministic)
+    return self.project_out(y.astype(v.dtype), width, deterministic), aux

@@ -1,4 +1,5 @@
-"""G20 `levit_bias`: softmax attention with LeViT's learned attention bias (Graham et al. 2021).
+"""G20 `levit_bias`: softmax attention with LeViT's learned attention bias (Graham et al. 2021;
+official code: https://github.com/facebookresearch/LeViT).
 
   S_h = Q_h K_h^T / sqrt(d) + b_h[|y_i - y_j|, |x_i - x_j|] + key bias,  P_h = softmax(S_h).
 One table of h*w entries per head, indexed by the absolute row and column offsets of the two tokens,
@@ -16,17 +17,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, weighted_values)
-from vitjax.attention.mhsa import softmax_weights
-
-
-def table_grid(own: Optional[tuple], ctx: Optional[AttnContext], name: str) -> tuple:
-  grid = own if own is not None else (None if ctx is None else ctx.grid)
-  if grid is None:
-    raise ValueError(f"{name} needs the patch grid size: pass attention option grid=(h, w) "
-                     "(ctx.grid is unset after a token reduction)")
-  return tuple(int(g) for g in grid)
+from vitjax.attention.base import (Attention, Capabilities, grid_size, quadratic_macs,
+                                   softmax_weights)
 
 
 def pair_bias(table, pos, grid: tuple):
@@ -40,28 +32,20 @@ def pair_bias(table, pos, grid: tuple):
   return jnp.where(both, bias, 0.0)
 
 
-@registry.register(
-    "levit_bias", caps=Capabilities(needs_pos=True),
-    paper="LeViT: a Vision Transformer in ConvNet's Clothing (Graham et al. 2021)",
-    complexity="O(N^2 D) + O(N^2 H) gather")
+@registry.register("levit_bias", caps=Capabilities(needs_pos=True),
+                   paper="LeViT: a Vision Transformer in ConvNet's Clothing (Graham et al. 2021)",
+                   official="https://github.com/facebookresearch/LeViT",
+                   complexity="O(N^2 D) + O(N^2 H) gather", macs=quadratic_macs)
 class LeViTBias(Attention):
   """Softmax attention plus a learned per-head bias on absolute (row, col) offsets."""
   grid: Optional[tuple] = None
 
-  @nn.compact
-  def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
-    if self.impl != "reference":
-      raise ValueError(f"levit_bias has only impl='reference', got {self.impl!r}")
+  def mix(self, x, q, k, v, bias, ctx, *, need, deterministic):
     if ctx is None or ctx.pos is None:
       raise ValueError("levit_bias needs token positions (ctx.pos)")
-    grid = table_grid(self.grid, ctx, "levit_bias")
+    grid = grid_size(self.grid, ctx, "levit_bias")
     table = self.param("attention_biases", nn.initializers.zeros,
                        (self.num_heads, grid[0] * grid[1]))
-    q, k, v = self.project_qkv(x)
-    bias = pair_bias(table, ctx.pos.astype(jnp.float32), grid)
-    kb = additive_key_bias(ctx, x.shape[1])
-    probs = softmax_weights(q, k, bias if kb is None else bias + kb)
-    w = self.dropout_weights(probs, deterministic)
-    y = weighted_values(w.astype(v.dtype), v)
-    aux = collect_aux(need, probs=probs, q=q, k=k, v=v, ctx=ctx)
-    return self.project_out(y, x.shape[-1], deterministic), aux
+    pair = pair_bias(table, ctx.pos.astype(jnp.float32), grid)
+    return self.attend(q, k, v, pair if bias is None else pair + bias, ctx, need=need,
+                       deterministic=deterministic, weights=softmax_weights)

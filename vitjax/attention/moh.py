@@ -1,7 +1,8 @@
 """G14 `moh`: Mixture-of-Head attention (MoH, Jin et al. 2024).
 
 Heads are experts. The first S heads are shared (always on), the other R = H - S are routed: each
-token keeps its top-K routed heads. Per token i (gates follow the official SkyworkAI/MoH code):
+token keeps its top-K routed heads. Per token i (gates follow the official code,
+https://github.com/SkyworkAI/MoH):
   routed:  p = softmax(W_r x_i) over the R routed heads; keep the top K, renormalise them to sum 1,
            times K  (so uniform routing gives gates of 1);
   shared:  S * softmax(W_s x_i) over the S shared heads (a constant 1 when S == 1);
@@ -25,9 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, weighted_values)
-from vitjax.attention.mhsa import softmax_weights
+from vitjax.attention.base import Attention, quadratic_macs
 
 
 def _round(x: float) -> int:
@@ -65,10 +64,17 @@ def balance_loss(probs, mask, valid=None):
   return probs.shape[-1] * jnp.sum(me * ce)
 
 
-@registry.register(
-    "moh", caps=Capabilities(),
-    paper="MoH: Multi-Head Attention as Mixture-of-Head Attention (Jin et al. 2024)",
-    complexity="O(N^2 D) + router O(N D H)")
+def moh_macs(n, width, num_heads, *, num_shared, num_active, **_):
+  """All heads (this reference computes them) + the routers: shared (S > 1), routed, mixing."""
+  s, r, k = head_split(num_heads, num_shared, num_active)
+  routers = (s if s > 1 else 0) + (r if k else 0) + (2 if s and k else 0)
+  return quadratic_macs(n, width, num_heads) + n * width * routers
+
+
+@registry.register("moh",
+                   paper="MoH: Multi-Head Attention as Mixture-of-Head Attention (Jin et al. 2024)",
+                   official="https://github.com/SkyworkAI/MoH",
+                   complexity="O(N^2 D) + router O(N D H)", macs=moh_macs)
 class MoH(Attention):
   """Softmax attention whose per-head outputs are weighted by a per-token head router."""
   num_shared: Optional[int] = None
@@ -92,23 +98,13 @@ class MoH(Attention):
         self.sow("losses", "moh_balance", balance_loss(probs, mask, valid))
       parts.append(routed)
     if s and k:
-      mix = jax.nn.softmax(dense(2, "router_mix")(x), axis=-1) * 2
-      parts = [parts[0] * mix[..., :1], parts[1] * mix[..., 1:]]
+      mixing = jax.nn.softmax(dense(2, "router_mix")(x), axis=-1) * 2
+      parts = [parts[0] * mixing[..., :1], parts[1] * mixing[..., 1:]]
     gates = jnp.concatenate(parts, axis=-1)
     if gates.shape[-1] != self.num_heads:  # K == 0 with routed heads present: they stay off
       gates = jnp.pad(gates, ((0, 0), (0, 0), (0, self.num_heads - gates.shape[-1])))
     return gates
 
-  @nn.compact
-  def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
-    if self.impl != "reference":
-      raise ValueError(f"moh has only impl='reference', got {self.impl!r}")
-    q, k, v = self.project_qkv(x)
-    bias = additive_key_bias(ctx, x.shape[1])
-    probs = softmax_weights(q, k, bias)
-    w = self.dropout_weights(probs, deterministic)
-    heads = weighted_values(w.astype(v.dtype), v)
-    g = self.gates(x, ctx, deterministic)
-    y = heads * g[..., None].astype(heads.dtype)
-    aux = collect_aux(need, probs=probs, q=q, k=k, v=v, ctx=ctx)
-    return self.project_out(y, x.shape[-1], deterministic), aux
+  def mix(self, x, q, k, v, bias, ctx, *, need, deterministic):
+    heads, aux = super().mix(x, q, k, v, bias, ctx, need=need, deterministic=deterministic)
+    return heads * self.gates(x, ctx, deterministic)[..., None].astype(heads.dtype), aux

@@ -1,6 +1,6 @@
 """G18 `neural`: Neural Attention (DiGiugno & Mahmood 2025): a small MLP replaces the dot product.
 
-Per head (following the official awayfromzel/neural-attention-research code):
+Per head (following the official code, https://github.com/awayfromzel/neural-attention-research):
   q'_i = A q_i, k'_j = B k_j            (d -> p, shared by all heads, with bias; p = d // 32 there)
   s_ij = w_3^T act(W_2 act(W_1 [q'_i; k'_j] + b_1) + b_2) + b_3   (2p -> p -> p/2 -> 1, act = ReLU)
   P = softmax_j(s_ij + bias_j),  y = W_o concat_h P_h V_h   (no 1/sqrt(d); the MLP sets the scale).
@@ -17,8 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, weighted_values)
+from vitjax.attention.base import Attention, projection_macs
 
 ACTIVATIONS = {"relu": jax.nn.relu, "identity": lambda t: t}
 
@@ -41,30 +40,35 @@ class ScoreMLP(nn.Module):
     return nn.Dense(1, dtype=jnp.float32, name="fc3")(hidden)[..., 0]
 
 
-@registry.register(
-    "neural", caps=Capabilities(),
-    paper="Neural Attention (DiGiugno & Mahmood 2025)", complexity="O(N^2 H p) + O(N^2 D)")
+def neural_macs(n, width, num_heads, *, projection_dim, **_):
+  """Projections + q', k' (n H d p each) + the score MLP: its first layer per token
+  (2 n H p^2), the second and third on every pair (n^2 H p (p/2 + ... )) + P V (n^2 D)."""
+  d = width // num_heads
+  p = projection_dim or max(2, d // 32)
+  half = max(1, p // 2)
+  per_token = 2 * n * num_heads * (d * p + p * p)
+  per_pair = n * n * num_heads * (p * half + half)
+  return projection_macs(n, width) + per_token + per_pair + n * n * width
+
+
+@registry.register("neural", paper="Neural Attention (DiGiugno & Mahmood 2025)",
+                   official="https://github.com/awayfromzel/neural-attention-research",
+                   complexity="O(N^2 H p) + O(N^2 D)", macs=neural_macs)
 class Neural(Attention):
   """Softmax attention over MLP scores of (query, key) pairs."""
   projection_dim: Optional[int] = None
   activation: str = "relu"
 
-  @nn.compact
-  def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
-    if self.impl != "reference":
-      raise ValueError(f"neural has only impl='reference', got {self.impl!r}")
+  def mix(self, x, q, k, v, bias, ctx, *, need, deterministic):
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"unknown activation {self.activation!r}; valid: {sorted(ACTIVATIONS)}")
-    q, k, v = self.project_qkv(x)
     p = self.projection_dim or max(2, q.shape[-1] // 32)
     qp = nn.Dense(p, dtype=self.dtype, name="q_proj")(q)
     kp = nn.Dense(p, dtype=self.dtype, name="k_proj")(k)
-    logits = ScoreMLP(p, self.activation, name="score")(qp, kp)
-    bias = additive_key_bias(ctx, x.shape[1])
-    if bias is not None:
-      logits = logits + bias
-    probs = jax.nn.softmax(logits, axis=-1)
-    w = self.dropout_weights(probs, deterministic)
-    y = weighted_values(w.astype(v.dtype), v)
-    aux = collect_aux(need, probs=probs, q=q, k=k, v=v, ctx=ctx)
-    return self.project_out(y, x.shape[-1], deterministic), aux
+    score = ScoreMLP(p, self.activation, name="score")
+
+    def weights(qp, kp, bias):
+      logits = score(qp, kp)
+      return jax.nn.softmax(logits if bias is None else logits + bias, axis=-1)
+    return self.attend(qp, kp, v, bias, ctx, need=need, deterministic=deterministic,
+                       weights=weights, keys=k)

@@ -2,10 +2,11 @@
 Attention Without Probability Cage", arXiv 2005.09561).
 
 The abstract: "We propose to replace the softmax in self-attention with normalization". The
-definition below is the authors' official code (OliverRichter/normalized-attention, models.py:
-`normalize_masked`, `NormalizeAttention`, `AttentionLayer`, `create_model` with model='NAP'), the
-implementation behind the paper's experiments; no section or equation number of the paper is
-cited because the formula was checked against that code, not against the paper's text:
+definition below is the authors' official code
+(https://github.com/OliverRichter/normalized-attention, models.py: `normalize_masked`,
+`NormalizeAttention`, `AttentionLayer`, `create_model` with model='NAP'), the implementation
+behind the paper's experiments; no section or equation number of the paper is cited because the
+formula was checked against that code, not against the paper's text:
 
   S_h     = Q_h K_h^T                       (no 1/sqrt(d): "not needed in NAP due to
                                               normalization afterwards")
@@ -45,16 +46,11 @@ block, at the steepest point of each LayerNorm it meets (slope 1/sqrt(eps)) and 
 token off zero (it averages the values); NAP does not. Models with NAP should not carry a token
 that starts at exactly zero (e.g. class_token=False with pool="gap").
 """
-from typing import Optional
-
 import flax.linen as nn
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, weighted_values)
-
-IMPLS = ("reference", "xla")  # both run the einsum path
+from vitjax.attention.base import Attention, Capabilities, elementwise, quadratic_macs
 
 
 def safe_sqrt(v):
@@ -84,32 +80,27 @@ def normalized_weights(logits, gain, shift, bias=None, eps: float = 1e-3):
 
 
 @registry.register(
-    "normalized",
-    caps=Capabilities(cls_probs="exact", cls_score_norm="abs_row"),
+    "normalized", caps=Capabilities(cls_probs="exact", cls_score_norm="abs_row"),
+    impls=("reference", "xla"),
     paper="Normalized Attention Without Probability Cage (NAP; Richter & Wattenhofer 2020)",
-    complexity="O(N^2 D)")
+    official="https://github.com/OliverRichter/normalized-attention", complexity="O(N^2 D)",
+    macs=quadratic_macs)
 class NormalizedAttention(Attention):
   """Softmax replaced by a per-row standardisation with a learned gain and shift per head."""
   eps: float = 1e-3
   hidden_norm: bool = True
   hidden_gelu: bool = True
 
-  @nn.compact
-  def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
-    if self.impl not in IMPLS:
-      raise ValueError(f"normalized attention has impls {IMPLS}, got {self.impl!r}")
-    q, k, v = self.project_qkv(x)
+  def weight_fn(self):
     gain = self.param("gain", nn.initializers.ones, (self.num_heads,))
     shift = self.param("shift", nn.initializers.zeros, (self.num_heads,))
-    bias = additive_key_bias(ctx, x.shape[1])
-    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32)
-    w = normalized_weights(logits, gain, shift, bias, self.eps)
-    wd = self.dropout_weights(w, deterministic)
-    y = weighted_values(wd.astype(v.dtype), v)
+    return elementwise(lambda s, bias: normalized_weights(s, gain, shift, bias, self.eps), 1.0)
+
+  def mix(self, x, q, k, v, bias, ctx, *, need, deterministic):
+    y, aux = super().mix(x, q, k, v, bias, ctx, need=need, deterministic=deterministic)
     y = y.reshape(*y.shape[:2], -1)
     if self.hidden_norm:
       y = nn.LayerNorm(epsilon=1e-3, dtype=self.dtype, name="hidden_norm")(y)
     if self.hidden_gelu:
       y = nn.gelu(y)  # tanh form, as the official `gelu`
-    aux = collect_aux(need, probs=w, q=q, k=k, v=v, ctx=ctx)
-    return self.project_out(y, x.shape[-1], deterministic), aux
+    return y, aux

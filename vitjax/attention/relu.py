@@ -9,17 +9,11 @@ Sizes (R2): with the key bias beta_j = log s_j the weight of key j is s_j * ReLU
 so a size-s token acts like s copies; beta_j = -inf removes key j from both the weights and n.
 Pitfall: a query whose logits are all negative gets a zero row (and a zero output).
 """
-from typing import Optional
-
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, weighted_values)
-
-IMPLS = ("reference", "xla")  # both run the einsum path
+from vitjax.attention.base import Attention, Capabilities, elementwise, quadratic_macs
 
 
 def relu_weights(logits, bias=None):
@@ -31,24 +25,12 @@ def relu_weights(logits, bias=None):
   return w * sizes / sizes.sum(axis=-1, keepdims=True)
 
 
-@registry.register(
-    "relu",
-    caps=Capabilities(cls_probs="exact", cls_score_norm="row"),
-    paper="ReLU attention (named in Ramapuram et al. 2024; Wortsman et al. 2023)",
-    complexity="O(N^2 D)")
+@registry.register("relu", caps=Capabilities(cls_probs="exact", cls_score_norm="row"),
+                   impls=("reference", "xla"),
+                   paper="ReLU attention (named in Ramapuram et al. 2024; Wortsman et al. 2023)",
+                   complexity="O(N^2 D)", macs=quadratic_macs)
 class ReLUAttention(Attention):
-  """Elementwise ReLU attention scaled by 1/n."""
+  """Elementwise ReLU attention scaled by 1/n (impl xla runs the same einsums)."""
 
-  @nn.compact
-  def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
-    if self.impl not in IMPLS:
-      raise ValueError(f"relu attention has impls {IMPLS}, got {self.impl!r}")
-    q, k, v = self.project_qkv(x)
-    bias = additive_key_bias(ctx, x.shape[1])
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32) * scale
-    w = relu_weights(logits, bias)
-    wd = self.dropout_weights(w, deterministic)
-    y = weighted_values(wd.astype(v.dtype), v)
-    aux = collect_aux(need, probs=w, q=q, k=k, v=v, ctx=ctx)
-    return self.project_out(y, x.shape[-1], deterministic), aux
+  def weight_fn(self):
+    return elementwise(relu_weights)

@@ -2,8 +2,8 @@
 
 q and k (after projection and the optional qk-norm) are rotated by position-dependent angles, so that
 q_m . k_n depends on the positions only through m - n:
-  `rope1d` (as iLLaMA, techmonsterwang/iLLaMA): theta_k = base^(-2k/d), k < d/2; each adjacent pair
-      (2k, 2k+1) is rotated by p * theta_k (the complex view of adjacent pairs).
+  `rope1d` (as iLLaMA, https://github.com/techmonsterwang/iLLaMA): theta_k = base^(-2k/d), k < d/2;
+      each adjacent pair (2k, 2k+1) is rotated by p * theta_k (the complex view of adjacent pairs).
   `rope2d_axial` (own knowledge): the first d/2 channels are rotated by the row coordinate, the last
       d/2 by the column, each half with theta_k = base^(-2k/(d/2)), adjacent pairs.
 Positions come from ctx.pos ((row, col) in patch units; they travel with pruned and merged tokens,
@@ -16,14 +16,11 @@ ToMe's `key_metric` uses the pre-RoPE keys, so token matching is not position-bi
 """
 from typing import Optional
 
-import flax.linen as nn
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, weighted_values)
-from vitjax.attention.levit_bias import table_grid
-from vitjax.attention.mhsa import IMPLS, cls_softmax_row, fused_softmax, softmax_weights
+from vitjax.attention.base import (Attention, Capabilities, SOFTMAX_IMPLS, grid_size,
+                                   quadratic_macs, raster_index)
 
 
 def rotate_pairs(x, angles):
@@ -61,34 +58,17 @@ class RoPEAttention(Attention):
   def rotate(self, t, ctx):
     raise NotImplementedError
 
-  @nn.compact
-  def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
-    if self.impl not in IMPLS:
-      raise ValueError(f"unknown attention impl {self.impl!r}; valid: {IMPLS}")
+  def mix(self, x, q, k, v, bias, ctx, *, need, deterministic):
     if ctx is None or ctx.pos is None:
       raise ValueError(f"{type(self).__name__} needs token positions (ctx.pos)")
-    q, k, v = self.project_qkv(x)
-    qr, kr = self.rotate(q, ctx), self.rotate(k, ctx)
-    bias = additive_key_bias(ctx, x.shape[1])
-    materialise = self.impl == "reference" or "attn" in need or (
-        self.attn_drop > 0 and not deterministic)
-    probs = None
-    if materialise:
-      probs = softmax_weights(qr, kr, bias)
-      w = self.dropout_weights(probs, deterministic)
-      y = weighted_values(w.astype(v.dtype), v)
-    else:
-      y = fused_softmax(qr, kr, v, bias, self.impl)
-    cls_index = ctx.cls_index
-    aux = collect_aux(need, probs=probs, q=qr, k=k, v=v, ctx=ctx,
-                      row_fn=lambda: cls_softmax_row(qr, kr, bias, cls_index))
-    return self.project_out(y, x.shape[-1], deterministic), aux
+    return self.attend(self.rotate(q, ctx), self.rotate(k, ctx), v, bias, ctx, need=need,
+                       deterministic=deterministic, keys=k)
 
 
-@registry.register(
-    "rope1d", caps=Capabilities(needs_pos=True),
-    paper="RoPE (Su et al. 2021) as used by iLLaMA (Wang et al. 2024)",
-    complexity="O(N^2 D) + O(N D)")
+@registry.register("rope1d", caps=Capabilities(needs_pos=True), impls=SOFTMAX_IMPLS,
+                   paper="RoPE (Su et al. 2021) as used by iLLaMA (Wang et al. 2024)",
+                   official="https://github.com/techmonsterwang/iLLaMA",
+                   complexity="O(N^2 D) + O(N D)", macs=quadratic_macs)
 class RoPE1D(RoPEAttention):
   """1-D RoPE over the raster index of each token; prefix tokens after the sequence."""
   cls_pos: str = "post"
@@ -97,17 +77,15 @@ class RoPE1D(RoPEAttention):
   def rotate(self, t, ctx):
     if self.cls_pos not in ("post", "none"):
       raise ValueError(f"unknown cls_pos {self.cls_pos!r}; valid: post, none")
-    gh, gw = table_grid(self.grid, ctx, "rope1d")
-    pos = ctx.pos.astype(jnp.float32)
-    known = ~jnp.isnan(pos).any(-1)
-    raster = jnp.where(known, pos[..., 0] * gw + pos[..., 1], 0.0)
+    gh, gw = grid_size(self.grid, ctx, "rope1d")
+    raster, known = raster_index(ctx.pos, gw)
     prefix = float(gh * gw) if self.cls_pos == "post" else 0.0
     return rope_1d(t, jnp.where(known, raster, prefix), self.base)
 
 
-@registry.register(
-    "rope2d_axial", caps=Capabilities(needs_pos=True),
-    paper="2-D axial RoPE (own knowledge; RoPE: Su et al. 2021)", complexity="O(N^2 D) + O(N D)")
+@registry.register("rope2d_axial", caps=Capabilities(needs_pos=True), impls=SOFTMAX_IMPLS,
+                   paper="2-D axial RoPE (own knowledge; RoPE: Su et al. 2021)",
+                   complexity="O(N^2 D) + O(N D)", macs=quadratic_macs)
 class RoPE2DAxial(RoPEAttention):
   """Axial 2-D RoPE: half the channels by row, half by column; prefix tokens unrotated."""
 
@@ -117,4 +95,3 @@ class RoPE2DAxial(RoPEAttention):
     pos = ctx.pos.astype(jnp.float32)
     pos = jnp.where(jnp.isnan(pos).any(-1, keepdims=True), 0.0, pos)
     return rope_2d_axial(t, pos, self.base)
-

@@ -17,14 +17,12 @@ as a token-importance score it is partial, hence `cls_probs="approx"`.
 import math
 from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, l2_normalize, weighted_values)
-from vitjax.attention.mhsa import softmax_weights
+from vitjax.attention.base import (Attention, Capabilities, l2_normalize, quadratic_macs,
+                                   softmax_weights)
 
 
 def normalise(t, eps: float = 1e-6):
@@ -46,10 +44,16 @@ def kmeans_update(centroids, points, assign, decay: float):
   return jnp.where(count > 0, normalise(new), centroids)
 
 
+def routing_macs(n, width, num_heads, *, num_clusters, **_):
+  """The full score map of this reference path, + the nearest-centroid search of q and k."""
+  clusters = num_clusters or math.ceil(math.sqrt(n))
+  return quadratic_macs(n, width, num_heads) + 2 * n * clusters * width
+
+
 @registry.register(
     "routing", caps=Capabilities(cls_probs="approx"),
     paper="Efficient Content-Based Sparse Attention with Routing Transformers (Roy et al. 2021)",
-    complexity="O(N^2 D) reference (paper: O(N^1.5 D))")
+    complexity="O(N^2 D) reference (paper: O(N^1.5 D))", macs=routing_macs)
 class Routing(Attention):
   """Softmax attention restricted to pairs whose query and key share a k-means cluster."""
   num_clusters: Optional[int] = None
@@ -62,11 +66,7 @@ class Routing(Attention):
     # applied with params only: fixed centroids drawn from a constant seed
     return None
 
-  @nn.compact
-  def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
-    if self.impl != "reference":
-      raise ValueError(f"routing has only impl='reference', got {self.impl!r}")
-    q, k, v = self.project_qkv(x)
+  def mix(self, x, q, k, v, bias, ctx, *, need, deterministic):
     n, h, d = q.shape[1], q.shape[2], q.shape[3]
     c = self.num_clusters or math.ceil(math.sqrt(n))
     var = self.centroids(h, c, d)
@@ -78,11 +78,6 @@ class Routing(Attention):
       points = jnp.concatenate([qn, kn], axis=1)
       var.value = kmeans_update(mu, points, jnp.concatenate([cq, ck], axis=1), self.decay)
     same = (cq.transpose(0, 2, 1)[..., :, None] == ck.transpose(0, 2, 1)[..., None, :])
-    same = same | jnp.eye(n, dtype=bool)
-    route = jnp.where(same, 0.0, -jnp.inf)
-    bias = additive_key_bias(ctx, n)
-    probs = softmax_weights(q, k, route if bias is None else route + bias)
-    w = self.dropout_weights(probs, deterministic)
-    y = weighted_values(w.astype(v.dtype), v)
-    aux = collect_aux(need, probs=probs, q=q, k=k, v=v, ctx=ctx)
-    return self.project_out(y, x.shape[-1], deterministic), aux
+    route = jnp.where(same | jnp.eye(n, dtype=bool), 0.0, -jnp.inf)
+    return self.attend(q, k, v, route if bias is None else route + bias, ctx, need=need,
+                       deterministic=deterministic, weights=softmax_weights)

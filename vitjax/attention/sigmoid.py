@@ -1,5 +1,6 @@
 """G2 `sigmoid`: sigmoid self-attention (Ramapuram et al. 2024, "Theory, Analysis, and Best
-Practices for Sigmoid Self-Attention").
+Practices for Sigmoid Self-Attention"; official code:
+https://github.com/apple/ml-sigmoid-attention).
 
 W_h = sigma(exp(t) * Q_h K_h^T / sqrt(d) + b) elementwise, no row normalisation;  O_h = W_h V_h.
 b = -log n (n keys) keeps the initial row mass near 1, the failure mode the paper stabilises.
@@ -14,21 +15,11 @@ deleted one. Without a bias, s_j = 1 and b = -log n.
 import math
 from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, weighted_values)
-
-IMPLS = ("reference", "xla", "pallas")  # reference/xla: the einsum path; pallas: FlashSigmoid
-
-
-def scaled_logits(q, k, temp: float = 0.0):
-  """q [B,N,H,d], k [B,M,H,d] -> exp(temp) * QK^T / sqrt(d), float32 [B,H,N,M]."""
-  scale = q.shape[-1] ** -0.5 * jnp.exp(temp)
-  return jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32) * scale
+from vitjax.attention.base import Attention, Capabilities, elementwise, quadratic_macs
 
 
 def log_mass(bias, n: int):
@@ -48,33 +39,23 @@ def sigmoid_weights(logits, bias=None, attn_bias: Optional[float] = None):
 
 
 @registry.register(
-    "sigmoid",
-    caps=Capabilities(cls_probs="exact", cls_score_norm="row"),
+    "sigmoid", caps=Capabilities(cls_probs="exact", cls_score_norm="row"),
+    impls=("reference", "xla", "pallas"),
     paper="Theory, Analysis, and Best Practices for Sigmoid Self-Attention (Ramapuram et al. 2024)",
-    complexity="O(N^2 D)")
+    official="https://github.com/apple/ml-sigmoid-attention", complexity="O(N^2 D)",
+    macs=quadratic_macs)
 class SigmoidAttention(Attention):
-  """Sigmoid attention; `attn_bias=None` recomputes b = -log(sum of key sizes) every call."""
+  """Sigmoid attention; `attn_bias=None` recomputes b = -log(sum of key sizes) every call.
+  impl reference and xla run the weights; pallas runs FlashSigmoid."""
   attn_bias: Optional[float] = None  # fixed b instead of -log n
   attn_temp: float = 0.0             # logits are scaled by exp(attn_temp) (official default 0)
 
-  @nn.compact
-  def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
-    if self.impl not in IMPLS:
-      raise ValueError(f"sigmoid attention has impls {IMPLS}, got {self.impl!r}")
-    q, k, v = self.project_qkv(x)
-    bias = additive_key_bias(ctx, x.shape[1])
-    fused = self.impl == "pallas" and "attn" not in need and (
-        deterministic or self.attn_drop == 0.0)
-    if fused:
-      y, w = self.flash(q, k, v, bias), None
-    else:
-      w = sigmoid_weights(scaled_logits(q, k, self.attn_temp), bias, self.attn_bias)
-      wd = self.dropout_weights(w, deterministic)
-      y = weighted_values(wd.astype(v.dtype), v)
-    cls = 0 if ctx is None else ctx.cls_index
-    aux = collect_aux(need, probs=w, q=q, k=k, v=v, ctx=ctx,
-                      row_fn=lambda: self.cls_row(q, k, bias, cls))
-    return self.project_out(y, x.shape[-1], deterministic), aux
+  def weight_fn(self):
+    temp = math.exp(self.attn_temp)
+    return elementwise(lambda s, bias: sigmoid_weights(s * temp, bias, self.attn_bias))
+
+  def fused_fn(self):
+    return self.flash if self.impl == "pallas" else None
 
   def flash(self, q, k, v, bias):
     """The FlashSigmoid kernel: no row max or sum; sizes enter as key weights exp(bias)."""
@@ -83,8 +64,3 @@ class SigmoidAttention(Attention):
     scale = q.shape[-1] ** -0.5 * math.exp(self.attn_temp)
     return flash_sigmoid.sigmoid_attention(q, k, v, key_weight=key_weight, scale=scale,
                                            offset=self.attn_bias)
-
-  def cls_row(self, q, k, bias, cls_index):
-    """The exact [CLS] row [B,H,M] without the other rows (R1 of the spec)."""
-    logits = scaled_logits(q[:, cls_index:cls_index + 1 or None], k, self.attn_temp)
-    return sigmoid_weights(logits, bias, self.attn_bias)[:, :, 0]

@@ -1,4 +1,5 @@
-"""G16 `sra` and `sra_tokenset`: spatial-reduction attention (PVT, Wang et al. 2021; PVTv2 2022).
+"""G16 `sra` and `sra_tokenset`: spatial-reduction attention (PVT, Wang et al. 2021; PVTv2 2022;
+official code: https://github.com/whai362/PVT).
 
 Queries are all N tokens; keys and values come from a reduced token set:
   `sra` (PVT): x_r = LN(Conv_{RxR, stride R}(patch grid)), skipped when R = 1; with `linear=True`
@@ -23,21 +24,11 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, AttnContext, Capabilities, additive_key_bias,
-                                   collect_aux, weighted_values)
-from vitjax.attention.mhsa import softmax_weights
-
-
-def adaptive_pool_matrix(size: int, out: int) -> np.ndarray:
-  """[out, size] averaging matrix of PyTorch's AdaptiveAvgPool1d bins."""
-  m = np.zeros((out, size), np.float32)
-  for i in range(out):
-    lo, hi = (i * size) // out, -(-((i + 1) * size) // out)
-    m[i, lo:hi] = 1.0 / (hi - lo)
-  return m
+from vitjax.attention.base import (Attention, AttnContext, Capabilities, adaptive_pool_matrix,
+                                   additive_key_bias, collect_aux, cls_position, query_row,
+                                   softmax_weights)
 
 
 class SpatialReduction(Attention):
@@ -50,8 +41,6 @@ class SpatialReduction(Attention):
 
   @nn.compact
   def __call__(self, x, ctx: Optional[AttnContext] = None, *, need=(), deterministic=True):
-    if self.impl != "reference":
-      raise ValueError(f"{type(self).__name__} has only impl='reference', got {self.impl!r}")
     ctx = AttnContext() if ctx is None else ctx
     b, n, width = x.shape
     d, h, npre = self.head_dim(width), self.num_heads, ctx.num_prefix
@@ -68,30 +57,51 @@ class SpatialReduction(Attention):
     key_bias = None
     if bias is not None:  # prefix keys keep their bias; pooled keys already used theirs
       key_bias = jnp.pad(bias[..., :npre], ((0, 0), (0, 0), (0, 0), (0, reduced.shape[1])))
-    probs = softmax_weights(q, k, key_bias)
-    w = self.dropout_weights(probs, deterministic)
-    y = weighted_values(w.astype(v.dtype), v)
+    y, _ = self.attend(q, k, v, key_bias, ctx, need=(), deterministic=deterministic,
+                       weights=softmax_weights)
     aux = {}
-    if need:
+    if need:  # R1 recompute: the [CLS] softmax row over the full-token keys W_k x
       k_full = k_norm(jnp.split(kv_dense(x), 2, axis=-1)[0].reshape(b, n, h, d))
-      cls_index = ctx.cls_index
-      aux = collect_aux(need, k=k_full, ctx=ctx,
-                        row_fn=lambda: full_token_row(q, k_full, bias, cls_index))
+      aux = collect_aux(need, k=k_full, ctx=ctx, row_fn=lambda: query_row(
+          softmax_weights, q, k_full, bias, cls_position(ctx)))
     return self.project_out(y, width, deterministic), aux
 
 
-def full_token_row(q, k_full, bias, cls_index):
-  """R1 recompute: the [CLS] softmax row over the full-token keys W_k x, [B,H,N]."""
-  if cls_index is None:
-    raise ValueError("this model has no [CLS] token, so there is no [CLS] attention row")
-  return softmax_weights(q[:, cls_index:cls_index + 1], k_full, bias)[:, :, 0]
+def reduced_macs(n: int, width: int, keys: int) -> int:
+  """q and output projections on n tokens, kv on the keys, Q K^T and P V over the keys."""
+  return 2 * n * width * width + 2 * keys * width * width + 2 * n * keys * width
 
 
-@registry.register(
-    "sra", caps=Capabilities(cls_probs="recompute", size_semantics=False, key_bias=False,
-                             needs_grid=True, full_attn=False),
-    paper="PVT spatial-reduction attention (Wang et al. 2021; PVTv2 2022)",
-    complexity="O(N N/R^2 D) + N D^2 (conv)")
+def sra_macs(n, width, num_heads, *, sr_ratio, linear, pool_size, num_prefix=1, **_):
+  """+ the R x R stride-R conv (n D^2 over the patches), or PVTv2's pooling and 1 x 1 conv."""
+  del num_heads
+  patches = n - num_prefix
+  if linear:  # pooled along rows, then columns, of a square grid
+    pooled = pool_size ** 2
+    reduce = (pool_size * patches + pooled * math.isqrt(patches)) * width + pooled * width * width
+  else:
+    pooled = patches // sr_ratio ** 2
+    reduce = patches * width * width if sr_ratio > 1 else 0
+  return reduced_macs(n, width, num_prefix + pooled) + reduce
+
+
+def tokenset_macs(n, width, num_heads, *, sr_ratio, num_pooled, num_prefix=1, **_):
+  """+ the pooling logits and the pooled sum, n M D each."""
+  del num_heads
+  patches = n - num_prefix
+  pooled = num_pooled or max(1, math.ceil(patches / sr_ratio ** 2))
+  return reduced_macs(n, width, num_prefix + pooled) + 2 * patches * width * pooled
+
+
+# pooled grid cells as keys: no size semantics, no key bias, no [N, N] weights
+SRA_CAPS = Capabilities(cls_probs="recompute", size_semantics=False, key_bias=False,
+                        needs_grid=True, full_attn=False)
+
+
+@registry.register("sra", caps=SRA_CAPS,
+                   paper="PVT spatial-reduction attention (Wang et al. 2021; PVTv2 2022)",
+                   official="https://github.com/whai362/PVT",
+                   complexity="O(N N/R^2 D) + N D^2 (conv)", macs=sra_macs)
 class SRA(SpatialReduction):
   """PVT SRA over the raster grid of patch tokens (strided conv, or PVTv2's pooled linear form)."""
   linear: bool = False
@@ -128,7 +138,7 @@ class SRA(SpatialReduction):
 @registry.register(
     "sra_tokenset", caps=Capabilities(cls_probs="recompute", full_attn=False),
     paper="PVT spatial-reduction attention, grid-free pooling (own design; PatchMerger pooling)",
-    complexity="O(N M D) + O(M N D) pooling")
+    complexity="O(N M D) + O(M N D) pooling", macs=tokenset_macs)
 class SRATokenSet(SpatialReduction):
   """SRA whose keys come from M learned softmax pools over the token set (no grid needed)."""
   num_pooled: Optional[int] = None  # M; default ceil(n / R^2)
