@@ -145,6 +145,13 @@ def test_bad_input_is_one_line(tmp_path):
     loading.config_from_file(str(tmp_path / "nope.py:smoke=True"))
 
 
+def test_config_from_file_reads_it_as_main_py_does():
+  config = loading.config_from_file(os.path.join(ROOT, "configs", "default.py:smoke=True"))
+  assert config.total_steps == 6 and config.model.depth == 2
+  tome = loading.with_model_overrides(config, dict(tokens=dict(name="tome", r=2)))
+  assert tome.model.tokens.r == 2 and config.model.tokens.name == "none"
+
+
 @pytest.mark.slow
 def test_bad_workdir_input_is_one_line(run, tmp_path):
   config, workdir, _ = run
