@@ -13,15 +13,16 @@ per mechanism); each seed has its own initialisation, dropout and data order. Da
 train split in memory, augmented in numpy per batch as the recorded results were (zero-pad 1,
 random 8x8 crop, values in [-1, 1]; the default config now pads 2).
 
-Per mechanism: parameters; FLOPs per image, analytic where a formula is written below
-(`analytic_attention_macs`) and XLA's cost analysis of the compiled forward otherwise (the table
-says which; where both exist, their ratio is the cross-check); forward and train-step throughput
+Per mechanism: parameters; FLOPs per image, analytic from the registry (each entry's `macs`) and
+XLA's cost analysis of the compiled forward where an entry has none (the table says which; where
+both exist, their ratio is the cross-check); forward and train-step throughput
 relative to `mhsa`, timed after training in one run, interleaved (mhsa, a group of mechanisms,
 mhsa, ...; each against the mean of the two mhsa timings around it; median over rounds); top-1 on
 the 360 test digits (mean and standard deviation over seeds). Outputs: attention_zoo.json, .md and
 a plot (accuracy vs train-step throughput) in --out_dir.
 """
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -41,28 +42,12 @@ import jax.numpy as jnp  # noqa: E402
 
 from vitjax import attention, models  # noqa: E402
 
-# Mechanisms whose cost is MHSA's: 4 n D^2 projections + 2 n^2 D for QK^T and PV (elementwise
-# score maps, masks, rotations and gathers are not counted as MACs).
-SOFTMAX_LIKE = ("mhsa", "sigmoid", "relu", "cosine", "clipped_softmax", "cog", "causal_postcls",
-                "rope1d", "rope2d_axial", "levit_bias", "selective", "routing")
-GQA_LIKE = ("gqa", "mqa", "kdgqa", "dgqa")
-
-
-def analytic_attention_macs(name: str, options: dict, n: int, width: int, heads: int):
-  """MACs of one attention layer on n tokens, or None where no formula is written here."""
-  d = width // heads
-  proj, quad = 4 * n * width * width, 2 * n * n * width
-  if name in SOFTMAX_LIKE:  # routing: the reference path computes the full score map
-    return proj + quad
-  if name == "gated":  # + the per-head linear gate d -> 1 on every token
-    return proj + quad + n * width
-  if name in GQA_LIKE:
-    from vitjax.attention import gqa  # pylint: disable=import-outside-toplevel
-    g = options.get("num_kv_heads") or (1 if name == "mqa" else gqa.default_kv_heads(heads))
-    return 2 * n * width * width + 2 * n * width * g * d + quad
-  if name == "linear_elu":  # phi(K)^T V and phi(Q) (K^T V) per head: 2 n d^2 H
-    return proj + 2 * n * d * width
-  return None
+def attention_macs(name: str, n: int, model):
+  """MACs of one attention layer on n tokens: the registry's analytic count (None without one)."""
+  entry = attention.get(name)
+  if entry.macs is None:
+    return None
+  return entry.macs(n, model.width, model.num_heads, num_prefix=model.num_prefix)
 
 
 def model_macs(model, attn_macs: int, channels: int) -> int:
@@ -137,11 +122,10 @@ class Batches:
 
 # ---------------------------------------------------------------------------- one mechanism
 def timed(fn, reps: int) -> float:
-  t = time.perf_counter()
-  for _ in range(reps):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t) / reps
+  """Seconds per call of `fn`: `reps` calls dispatched back to back, the last one awaited."""
+  start = time.perf_counter()
+  jax.block_until_ready(functools.reduce(lambda _, __: fn(), range(reps), None))
+  return (time.perf_counter() - start) / reps
 
 
 def run_mechanism(name: str, args, config, train, test) -> dict:
@@ -184,7 +168,7 @@ def run_mechanism(name: str, args, config, train, test) -> dict:
   params = jax.tree_util.tree_map(lambda a: a[0], state.params)
   n_params = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(params))
   n = model.grid[0] * model.grid[1] + model.num_prefix
-  attn = analytic_attention_macs(name, {}, n, model.width, model.num_heads)
+  attn = attention_macs(name, n, model)
   xla = xla_flops(forward) / (args.seeds * x_test.shape[0])
   channels = test[0].shape[-1]
   analytic = None if attn is None else 2 * model_macs(model, attn, channels)
@@ -383,9 +367,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  os.makedirs(args.out_dir, exist_ok=True)
   if args.cache_dir:
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+  os.makedirs(args.out_dir, exist_ok=True)
   names = attention.names() if args.mechanisms == "all" else args.mechanisms.split(",")
   unknown = sorted(set(names) - set(attention.names()))
   if unknown:
