@@ -18,7 +18,7 @@ import pytest
 import test_attention_normalized
 import test_attention_zoo_a
 import test_attention_zoo_b
-from vitjax import attention
+from vitjax import attention, tables
 from vitjax.attention import registry
 from vitjax.attention.base import AttnContext
 
@@ -139,3 +139,11 @@ def test_context_carries_training_progress():
   assert ctx.progress is None and ctx.step is None
   ctx = AttnContext(step=jnp.asarray(3), progress=jnp.float32(0.25))
   assert len(jax.tree_util.tree_leaves(ctx)) == 2  # both traced, so schedules never recompile
+
+
+def test_attention_table_reads_the_fact_sheets():
+  rows = {r.split(" | ")[0][3:-1]: r.split(" | ") for r in tables.attention_table().split("\n")[2:]}
+  assert set(zoo_names()) <= set(rows)
+  assert rows["sra"][1] == "S" and rows["mhsa"][1] == "G"
+  assert rows["mhsa"][5] == "reference, xla, cudnn, pallas" and rows["latte"][5] == "reference"
+  assert rows["performer"][3] == f"[code]({attention.get('performer').official})"
