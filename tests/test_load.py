@@ -68,8 +68,7 @@ def test_workdir_with_config_json_and_overrides(run, tmp_path):
   config, workdir, _ = run
   copy = str(tmp_path / "copy")
   shutil.copytree(workdir, copy)
-  loading.save_config(copy, config)
-  model, variables, loaded_config = vitjax.load(copy)  # no config=: the config.json
+  model, variables, loaded_config = vitjax.load(copy)  # no config=: the trainer's config.json
   ref_model, ref_variables, _ = vitjax.load(workdir, config=config)
   assert model == ref_model and loaded_config.model.width == config.model.width
   np.testing.assert_array_equal(variables["params"]["head"]["kernel"],

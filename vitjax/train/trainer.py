@@ -221,13 +221,15 @@ def evaluate(eval_step, params, config, batch_sharding, batch_stats=None) -> dic
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`; rerunning the same command resumes from the last checkpoint."""
   # pylint: disable=import-outside-toplevel  (tfds, grain, orbax, tensorboard are heavy)
-  from vitjax import data
+  from vitjax import data, loading
   from vitjax.train import checkpoint as ckpt_lib
   from vitjax.train import metrics as metrics_lib
   from vitjax.train import validate
   validate.train_config(config)
   config_lib.validate(config)
   ckpt_lib.check_writable(workdir)
+  if jax.process_index() == 0 and "://" not in workdir:  # `vitjax.load(workdir)` rebuilds from it
+    loading.save_config(workdir, config)
   mesh = mesh_lib.make_mesh(config.mesh)
   check_batch(config, mesh)
   info = data.get_info(config.data)
