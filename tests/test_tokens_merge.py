@@ -51,7 +51,8 @@ def tome_groups(metric, r, num_prefix):
       scores[:, j] = -np.inf
   best = scores.max(1)
   order = sorted(range(len(a_ids)), key=lambda i: (-best[i], i))
-  src, unm = order[:r], sorted(order[r:])
+  # official merge.py: the unmerged A tokens are sorted only with a class token
+  src, unm = order[:r], (sorted(order[r:]) if num_prefix else order[r:])
   b_groups = {j: [b_ids[j]] for j in range(len(b_ids))}
   for i in src:
     b_groups[int(scores[i].argmax())].append(a_ids[i])
@@ -60,21 +61,34 @@ def tome_groups(metric, r, num_prefix):
   return sorted(prefix, key=lambda g: g[0]) + [g for g in groups if g[0] >= num_prefix]
 
 
-@pytest.mark.parametrize("num_prefix", [1, 2])
+def check_groups(y, out, groups, x, st, b):
+  """Output tokens and state of image b against the reference groups (lists of input indices)."""
+  xn, sn = np.asarray(x[b], np.float64), np.asarray(st.size[b], np.float64)
+  for k, g in enumerate(groups):
+    want = (sn[g, None] * xn[g]).sum(0) / sn[g].sum()
+    np.testing.assert_allclose(np.asarray(y[b, k]), want, atol=1e-5)
+    assert float(out.size[b, k]) == sn[g].sum()
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(out.source[b, k])), sorted(g))
+    pos = np.asarray(st.pos[b, g], np.float64)  # NaN for a prefix token, which stays alone
+    np.testing.assert_allclose(np.asarray(out.pos[b, k]), sn[g] @ pos / sn[g].sum(), atol=1e-5)
+  index = [g[0] if len(g) == 1 else -1 for g in groups]  # a merged token is a new one
+  np.testing.assert_array_equal(np.asarray(out.index[b]), index)
+
+
+@pytest.mark.parametrize("num_prefix", [0, 1, 2])
 def test_tome_matches_numpy_and_conserves(num_prefix):
   n = N + num_prefix - 1
   x, metric = rand(0, (B, n, D)), rand(1, (B, n, 16))
-  st = grow(initial_state(B, num_prefix, (4, 4), track_source=True), 2)
+  st = grow(initial_state(B, num_prefix, (4, 4), track_source=True, with_pos=True), 2)
   y, out = apply(ToMe(r=5, num_prefix=num_prefix), x, st, {"key_metric": metric})
   assert y.shape == (B, n - 5, D)
-  xn, sn = np.asarray(x, np.float64), np.asarray(st.size, np.float64)
+  firsts = []
   for b in range(B):
     groups = tome_groups(np.asarray(metric[b], np.float64), 5, num_prefix)
-    for k, g in enumerate(groups):
-      want = (sn[b, g, None] * xn[b, g]).sum(0) / sn[b, g].sum()
-      np.testing.assert_allclose(np.asarray(y[b, k]), want, atol=1e-5)
-      assert float(out.size[b, k]) == sn[b, g].sum()
-      np.testing.assert_array_equal(np.flatnonzero(np.asarray(out.source[b, k])), sorted(g))
+    check_groups(y, out, groups, x, st, b)
+    firsts.append([g[0] for g in groups])
+  if num_prefix == 0:  # the official order: not sorted back into token order
+    assert any(f != sorted(f) for f in firsts)
   np.testing.assert_array_equal(np.asarray(y[:, :num_prefix]), np.asarray(x[:, :num_prefix]))
   np.testing.assert_allclose(np.asarray((out.size[..., None] * y).sum(1)),
                              np.asarray((st.size[..., None] * x).sum(1)), rtol=1e-5, atol=1e-4)
@@ -144,6 +158,8 @@ def test_mctf_matches_naive_reference():
     np.testing.assert_allclose(np.asarray(y[b]), want, atol=1e-5)
     for k, g in enumerate(groups):
       np.testing.assert_array_equal(np.flatnonzero(np.asarray(out.source[b, k])), sorted(g))
+    np.testing.assert_array_equal(np.asarray(out.index[b]),
+                                  [g[0] if len(g) == 1 else -1 for g in groups])
   np.testing.assert_allclose(np.asarray(out.size.sum(1)), np.asarray(st.size.sum(1)))
   np.testing.assert_array_equal(np.asarray(y[:, 0]), np.asarray(x[:, 0]))
 

@@ -4,12 +4,14 @@ Output counts are Python ints fixed when the model is built (`Reducer.plan`), so
 under jit. Token layout: [prefix (CLS, dist, registers) | image tokens | tokens made by reducers].
 """
 import dataclasses
-from typing import Any, ClassVar, Mapping, Optional
+import functools
+from typing import Any, Callable, ClassVar, Mapping, NamedTuple, Optional
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @flax.struct.dataclass
@@ -266,29 +268,145 @@ def keep_prefix_and(idx, num_prefix: int):
   return jnp.concatenate([prefix, idx + num_prefix], axis=1)
 
 
-def merge_state(state: TokenState, weights: jax.Array, num_prefix: int) -> TokenState:
-  """State of new tokens y_m = sum_j weights[b, m, j] * x_j made from the image tokens.
+# ----- merging: hard groups (ToMe, MCTF) and weighted merges, one state rule -----
+class Groups(NamedTuple):
+  """A hard merge of all N tokens (prefix included) into M groups, a one-hot assignment: output m
+  starts from input `rep[:, m]`, input `extra[:, k]` is added into output `into[:, k]`; every
+  input is in exactly one of the two (N = M + r)."""
+  rep: jax.Array    # [B, M] int32
+  extra: jax.Array  # [B, r] int32
+  into: jax.Array   # [B, r] int32, in 0..M-1
 
-  weights [B, M, N - num_prefix]: a one-hot assignment (hard merges) adds sizes and sources; soft
-  weights give assignment-weighted sizes and sources. pos is the (weights * size)-weighted mean.
-  The prefix passes through unchanged; new tokens are valid.
+
+def bipartite_groups(num_tokens: int, unm, src, dst) -> Groups:
+  """One bipartite step on A = even, B = odd positions: outputs [A[unm] ; B], with A[src[:, k]]
+  added into B[dst[:, k]] (unm, src index A; dst indexes B)."""
+  nb = num_tokens // 2
+  b_tokens = jnp.broadcast_to(2 * jnp.arange(nb, dtype=jnp.int32) + 1, (unm.shape[0], nb))
+  rep = jnp.concatenate([2 * unm.astype(jnp.int32), b_tokens], axis=1)
+  return Groups(rep, 2 * src.astype(jnp.int32), (unm.shape[1] + dst).astype(jnp.int32))
+
+
+def reorder(groups: Groups, order) -> Groups:
+  """The same groups with the outputs permuted by the static `order` (new m = old order[m])."""
+  inverse = jnp.asarray(np.argsort(order), jnp.int32)
+  return Groups(groups.rep[:, order], groups.extra, inverse[groups.into])
+
+
+def then(first: Groups, second: Groups) -> Groups:
+  """`first`, then `second` on first's outputs, as one merge of first's inputs."""
+  m1 = first.rep.shape[1]
+
+  def slot(rep, extra, into):  # second's output of each of first's outputs
+    own = jnp.zeros(m1, jnp.int32).at[rep].set(jnp.arange(rep.shape[0], dtype=jnp.int32))
+    return own.at[extra].set(into)
+  slots = jax.vmap(slot)(second.rep, second.extra, second.into)
+  return Groups(jnp.take_along_axis(first.rep, second.rep, axis=1),
+                jnp.concatenate([first.extra,
+                                 jnp.take_along_axis(first.rep, second.extra, axis=1)], axis=1),
+                jnp.concatenate([jnp.take_along_axis(slots, first.into, axis=1), second.into],
+                                axis=1))
+
+
+def group_sum(t, groups: Groups):
+  """Each group's sum of its members: [B, N, ...] -> [B, M, ...].
+
+  A one-hot contraction over the r moved tokens: deterministic, where a scatter-add is not.
   """
-  p = num_prefix
+  base = take_tokens(t, groups.rep)
+  if groups.extra.shape[1] == 0:
+    return base
+  moved = take_tokens(t, groups.extra)
+  onehot = jax.nn.one_hot(groups.into, base.shape[1], dtype=moved.dtype)  # [B, r, M]
+  flat = moved.reshape(*moved.shape[:2], -1)
+  return base + jnp.einsum("brm,brf->bmf", onehot, flat).reshape(base.shape)
+
+
+def singletons(groups: Groups):
+  """[B, M] bool: groups that are one input token, unchanged."""
+  hits = jax.nn.one_hot(groups.into, groups.rep.shape[1], dtype=jnp.int32).sum(axis=1)
+  return hits == 0
+
+
+def group_mean(t, weight, groups: Groups):
+  """sum(w t) / sum(w) per group in float32, weight [B, N]; a group of one passes its token
+  through bit-exactly (no w t / w round trip)."""
+  w = weight.reshape(weight.shape + (1,) * (t.ndim - 2)).astype(jnp.float32)
+  mean = group_sum(w * t.astype(jnp.float32), groups) / group_sum(w, groups)
+  alone = singletons(groups).reshape(groups.rep.shape + (1,) * (t.ndim - 2))
+  return jnp.where(alone, take_tokens(t, groups.rep), mean.astype(t.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pool:
+  """A merge as a linear map: `total(t)` sums each output's (weighted) members; an output where
+  `alone` is the input `rep` unchanged."""
+  total: Callable
+  rep: jax.Array
+  alone: jax.Array
+
+
+def _pool(weights, num_prefix: int) -> _Pool:
+  if isinstance(weights, Groups):
+    return _Pool(functools.partial(group_sum, groups=weights), weights.rep, singletons(weights))
+  p, (b, m) = num_prefix, weights.shape[:2]
   w = weights.astype(jnp.float32)
-  size = jnp.einsum("bmn,bn->bm", w, state.size[:, p:])
-  out = {"size": jnp.concatenate([state.size[:, :p], size], axis=1)}
-  if state.source is not None:
-    src = jnp.einsum("bmn,bnk->bmk", w, state.source[:, p:])
-    out["source"] = jnp.concatenate([state.source[:, :p], src], axis=1)
+
+  def total(t):
+    new = jnp.einsum("bmn,bn...->bm...", w.astype(t.dtype), t[:, p:])
+    return jnp.concatenate([t[:, :p], new], axis=1)
+  rep = jnp.broadcast_to(jnp.concatenate([jnp.arange(p), jnp.zeros(m, int)]).astype(jnp.int32),
+                         (b, p + m))
+  return _Pool(total, rep, jnp.broadcast_to(jnp.arange(p + m) < p, (b, p + m)))
+
+
+def merge_state(state: TokenState, weights, num_prefix: int) -> TokenState:
+  """The state of merged tokens, for every merging reducer.
+
+  weights: `Groups` (a hard merge of all tokens that leaves the prefix alone and first), or
+  [B, M, N - p] weights of M new tokens y_m = sum_j weights[b, m, j] x_j made from the image
+  tokens, the prefix passing in front (one-hot rows: hard clusters; soft rows: sizes and sources
+  weighted by the assignment). Sizes and sources add up with the weights; pos is the
+  (weights * size)-weighted mean; a token is valid if one of its members is. A token that is one
+  input token unchanged keeps all of its state; a made one has index -1.
+  """
+  pool = _pool(weights, num_prefix)
+
+  def alone_or(t, made):
+    keep = pool.alone.reshape(pool.alone.shape + (1,) * (t.ndim - 2))
+    return jnp.where(keep, take_tokens(t, pool.rep), made.astype(t.dtype))
+  size = pool.total(state.size)
+  out = {"size": size, "source": None if state.source is None else pool.total(state.source)}
   if state.pos is not None:
-    ws = w * state.size[:, None, p:]
-    pos = jnp.einsum("bmn,bnc->bmc", ws, state.pos[:, p:])
-    pos = pos / jnp.maximum(ws.sum(-1, keepdims=True), 1e-12)
-    out["pos"] = jnp.concatenate([state.pos[:, :p], pos], axis=1)
+    weighted = pool.total(jnp.nan_to_num(state.pos) * state.size[..., None])
+    out["pos"] = alone_or(state.pos, weighted / jnp.maximum(size, 1e-12)[..., None])
   if state.valid is not None:
-    ones = jnp.ones(w.shape[:2], state.valid.dtype)
-    out["valid"] = jnp.concatenate([state.valid[:, :p], ones], axis=1)
+    out["valid"] = alone_or(state.valid, pool.total(state.valid.astype(jnp.float32)) > 0)
   if state.index is not None:
-    made = jnp.full(w.shape[:2], -1, state.index.dtype)
-    out["index"] = jnp.concatenate([state.index[:, :p], made], axis=1)
+    out["index"] = alone_or(state.index, jnp.full(size.shape, -1, state.index.dtype))
   return TokenState(**out)
+
+
+# ----- similarity and matching (ToMe, MCTF, K-Medoids, DPC-KNN) -----
+def bipartite_similarity(metric):
+  """Cosine similarity [B, nA, nB] of the A (even) to the B (odd) tokens, without gradient."""
+  m = jax.lax.stop_gradient(metric.astype(jnp.float32))
+  m = m / jnp.linalg.norm(m, axis=-1, keepdims=True)
+  return jnp.einsum("bid,bjd->bij", m[:, ::2], m[:, 1::2])
+
+
+def greedy_match(scores, r: int):
+  """Bipartite soft matching's greedy step on scores [B, n, m]: rows ranked by their best score
+  (ties by row) -> (the r best rows [B, r], the other rows [B, n - r] in rank order, the best
+  column of each of the r rows [B, r])."""
+  node_max, node_idx = scores.max(-1), scores.argmax(-1)
+  order = jnp.argsort(-node_max, axis=-1, stable=True)
+  src = order[:, :r]
+  return src, order[:, r:], jnp.take_along_axis(node_idx, src, axis=1)
+
+
+def pairwise_dist(x):
+  """Euclidean distances [B, N, N] through the Gram matrix (torch.cdist's default for N > 25)."""
+  sq = (x * x).sum(-1)
+  d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * jnp.einsum("bnd,bmd->bnm", x, x)
+  return jnp.sqrt(jnp.maximum(d2, 0.0))

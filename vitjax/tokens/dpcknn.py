@@ -17,16 +17,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from vitjax.tokens import registry
-from vitjax.tokens.base import BEFORE_ATTENTION, DEFAULT_LOCATIONS, REQUIRED, Reducer, merge_state
+from vitjax.tokens.base import (BEFORE_ATTENTION, DEFAULT_LOCATIONS, REQUIRED, Reducer, merge_state,
+                                pairwise_dist)
 
 _dense = dict(kernel_init=nn.initializers.truncated_normal(0.02), bias_init=nn.initializers.zeros)
-
-
-def pairwise_dist(x):
-  """Euclidean distances [B, N, N] through the Gram matrix (torch.cdist)."""
-  sq = (x * x).sum(-1)
-  d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * jnp.einsum("bnd,bmd->bnm", x, x)
-  return jnp.sqrt(jnp.maximum(d2, 0.0))
 
 
 def dpc_knn(x, m: int, k: int):

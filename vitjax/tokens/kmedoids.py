@@ -16,17 +16,10 @@ import flax.linen as nn
 
 from vitjax.tokens import registry
 from vitjax.tokens.base import (BEFORE_ATTENTION, DEFAULT_LOCATIONS, REQUIRED, Reducer, merge_state,
-                                take_tokens)
+                                pairwise_dist, take_tokens)
 
 UPDATES = ("haurum", "textbook")
 _MASKED_ROW = 1e6  # the benchmark masks non-members' distance rows with 1e6 before summing them
-
-
-def pairwise_dist(x):
-  """Euclidean distances [B, N, N] (torch.cdist), through the Gram matrix."""
-  sq = (x * x).sum(-1)
-  d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * jnp.einsum("bnd,bmd->bnm", x, x)
-  return jnp.sqrt(jnp.maximum(d2, 0.0))
 
 
 def assign(dist, idx):

@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.tokens import registry
-from vitjax.tokens.base import (BEFORE_ATTENTION, OWN_BLOCK, Layout, Plan, Reducer, TokenState,
-                                take_tokens)
+from vitjax.tokens.base import (BEFORE_ATTENTION, OWN_BLOCK, Groups, Layout, Plan, Reducer,
+                                bipartite_groups, bipartite_similarity, greedy_match, group_mean,
+                                merge_state, then)
 
 POOLINGS = ("attn", "size")
 
@@ -48,68 +49,30 @@ def criterion(values, tau: float):
 
 def pair_scores(x, attn, size, *, tau_sim, tau_info, tau_size, num_prefix: int):
   """[B, nA, nB] multi-criteria scores under stop-gradient; protected A rows are -inf."""
-  m = jax.lax.stop_gradient(x.astype(jnp.float32))
-  m = m / jnp.linalg.norm(m, axis=-1, keepdims=True)
-  a, b = m[:, ::2], m[:, 1::2]
-  scores = jnp.einsum("bid,bjd->bij", a, b)
+  scores = bipartite_similarity(x)
   scores = ((scores + 1) / 2) ** (1.0 / tau_sim) if tau_sim else jnp.ones_like(scores)
   if tau_info:
     scores = scores * criterion(1.0 / attn.mean(axis=(1, 2)), tau_info)
   scores = scores * criterion(1.0 / size, tau_size)
-  rows = jnp.arange(a.shape[1]) * 2 < num_prefix
+  rows = jnp.arange(scores.shape[1]) * 2 < num_prefix
   return jnp.where(rows[None, :, None], -jnp.inf, scores)
 
 
-def best_first(scores, r: int):
-  """Greedy step of the matching: rows sorted by their best score -> (src, rest, partner)."""
-  node_max, node_idx = scores.max(-1), scores.argmax(-1)
-  order = jnp.argsort(-node_max, axis=-1, stable=True)
-  src = order[:, :r]
-  return src, order[:, r:], jnp.take_along_axis(node_idx, src, axis=1)
-
-
-def match(scores, r: int, bidirection: bool):
+def match(scores, r: int, bidirection: bool) -> Groups:
   """A -> B for r1 = r//2 (r if one-directional), then B -> unmerged A for the rest."""
   r1 = r // 2 if bidirection else r
-  src, unm, dst = best_first(scores, r1)
+  src, unm, dst = greedy_match(scores, r1)
   unm = jnp.sort(unm, axis=-1)  # keeps [CLS] first
+  groups = bipartite_groups(sum(scores.shape[1:]), unm, src, dst)  # [kept A ; B]
   if not bidirection:
-    return (unm, src, dst), None
+    return groups
   back = jnp.take_along_axis(scores, unm[:, :, None], axis=1).transpose(0, 2, 1)  # [B, nB, nU]
-  src2, unm2, dst2 = best_first(back, r - r1)  # reference keeps unm2 in score order
-  return (unm, src, dst), (unm2, src2, dst2)
-
-
-def scatter_sum(base, moved, dst):
-  """base [B, n, ...] + sum of moved [B, r, ...] into rows dst [B, r] (one-hot contraction)."""
-  if moved.shape[1] == 0:  # r = 1 leaves the A -> B step of the bidirectional matching empty
-    return base
-  onehot = jax.nn.one_hot(dst, base.shape[1], dtype=moved.dtype)
-  flat = moved.reshape(*moved.shape[:2], -1)
-  return base + jnp.einsum("brn,brf->bnf", onehot, flat).reshape(base.shape)
-
-
-def merge_sum(t, step1, step2):
-  """Sums merged groups: [B, T, ...] -> [B, T - r, ...] in the reference's output order."""
-  unm, src, dst = step1
-  a, b = t[:, ::2], t[:, 1::2]
-  b = scatter_sum(b, take_tokens(a, src), dst)
-  kept_a = take_tokens(a, unm)
-  if step2 is None:
-    return jnp.concatenate([kept_a, b], axis=1)
-  unm2, src2, dst2 = step2
-  kept_a = scatter_sum(kept_a, take_tokens(b, src2), dst2)
-  return jnp.concatenate([kept_a, take_tokens(b, unm2)], axis=1)
-
-
-def merge_mean(t, w, step1, step2):
-  """sum(w t) / sum(w) per merged group, accumulated in fp32; tokens that take part in no merge
-  pass through bit-exactly."""
-  wt = w.reshape(w.shape + (1,) * (t.ndim - 2)).astype(jnp.float32)
-  num = merge_sum(t.astype(jnp.float32) * wt, step1, step2)
-  count = merge_sum(jnp.ones(t.shape[:2] + (1,) * (t.ndim - 2), jnp.float32), step1, step2)
-  mean = (num / merge_sum(wt, step1, step2)).astype(t.dtype)
-  return jnp.where(count > 1, mean, merge_sum(t, step1, step2))
+  src2, unm2, dst2 = greedy_match(back, r - r1)  # reference keeps unm2 in score order
+  nu = unm.shape[1]
+  kept_a = jnp.broadcast_to(jnp.arange(nu, dtype=jnp.int32), unm.shape)
+  second = Groups(jnp.concatenate([kept_a, nu + unm2.astype(jnp.int32)], axis=1),
+                  nu + src2.astype(jnp.int32), dst2.astype(jnp.int32))
+  return then(groups, second)  # [kept A ; unmerged B]
 
 
 @registry.register("mctf", paper="MCTF: Multi-criteria Token Fusion with One-step-ahead Attention "
@@ -153,28 +116,9 @@ class MCTF(Reducer):
     size = state.size
     scores = pair_scores(x, attn, size, tau_sim=self.tau_sim, tau_info=self.tau_info,
                          tau_size=self.tau_size, num_prefix=self.num_prefix)
-    step1, step2 = match(scores, self.r, self.bidirection)
+    groups = match(scores, self.r, self.bidirection)
     if self.pooling == "attn":
       w = jax.lax.stop_gradient(attn.mean(axis=(1, 2))) * size / size.max(-1, keepdims=True)
     else:
       w = size
-    x = merge_mean(x, w, step1, step2)
-    return x, self.merge_state(state, step1, step2)
-
-  @staticmethod
-  def merge_state(state: TokenState, step1, step2) -> TokenState:
-    def summed(t):
-      return None if t is None else merge_sum(t, step1, step2)
-    pos = None
-    if state.pos is not None:
-      pos = merge_mean(jnp.nan_to_num(state.pos), state.size, step1, step2)
-      pos = pos.at[:, 0].set(jnp.nan)  # [CLS] stays first
-    valid = None
-    if state.valid is not None:
-      valid = merge_sum(state.valid.astype(jnp.float32), step1, step2) > 0
-    index = None
-    if state.index is not None:  # a token that absorbed others is a new one
-      alone = merge_sum(jnp.ones(state.size.shape, jnp.int32), step1, step2) == 1
-      index = jnp.where(alone, merge_sum(state.index, step1, step2), -1)
-    return TokenState(size=summed(state.size), source=summed(state.source), pos=pos,
-                      valid=valid, index=index)
+    return group_mean(x, w, groups), merge_state(state, groups, self.num_prefix)

@@ -2,17 +2,21 @@
 
 In every block, after the attention residual: split the tokens by parity (A = even, B = odd),
 match each A token to its most similar B token (cosine of the head-mean keys), merge the r best
-matched A tokens into their B partners (size-weighted average) and keep the others. Prefix tokens
-are never merged. `prop_attn=True` (the official default; False switches it off) adds log(size)
-to the attention logits of every later block.
+matched A tokens into their B partners (size-weighted average) and keep the others. Output
+[unmerged A ; B], the unmerged A tokens in the matching's order (descending best score); only
+with a prefix are they sorted back into token order, which keeps the prefix first, as the
+official code sorts them only with a class token (facebookresearch/ToMe, tome/merge.py,
+`bipartite_soft_matching`, L66-68). Prefix tokens are never merged. `prop_attn=True` (the
+official `apply_patch` default; False switches it off) adds log(size) to the attention logits of
+every later block.
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vitjax.tokens import registry
-from vitjax.tokens.base import (DEFAULT_LOCATIONS, Layout, Plan, Reducer, TokenState, per_location,
-                                take_tokens)
+from vitjax.tokens.base import (DEFAULT_LOCATIONS, Groups, Layout, Plan, Reducer,
+                                bipartite_groups, bipartite_similarity, greedy_match, group_mean,
+                                merge_state, per_location, reorder)
 
 METRICS = ("keys", "x")
 
@@ -61,80 +65,21 @@ def output_order(num_unm: int, num_b: int, num_prefix: int) -> np.ndarray:
   return np.asarray(prefix + rest, np.int32)
 
 
-def match(metric, r: int, num_prefix: int):
-  """Bipartite soft matching under stop-gradient -> (unm [B,nA-r], src [B,r], dst [B,r]).
-
-  unm indexes A (sorted, so the prefix stays first), src indexes A, dst indexes B.
-  """
-  metric = jax.lax.stop_gradient(metric.astype(jnp.float32))
-  metric = metric / jnp.linalg.norm(metric, axis=-1, keepdims=True)
-  a, b = metric[:, ::2], metric[:, 1::2]
-  scores = jnp.einsum("bid,bjd->bij", a, b)
-  rows = jnp.arange(a.shape[1]) * 2 < num_prefix      # protected A tokens
-  cols = jnp.arange(b.shape[1]) * 2 + 1 < num_prefix  # protected B tokens (distillation token)
+def match(metric, r: int, num_prefix: int) -> Groups:
+  """Bipartite soft matching under stop-gradient: the r best matched A tokens merge into their
+  B partners. Unmerged A tokens keep the matching's order, sorted back into token order only
+  when there is a prefix to keep first (the official `if class_token:` sort)."""
+  scores = bipartite_similarity(metric)
+  rows = jnp.arange(scores.shape[1]) * 2 < num_prefix      # protected A tokens
+  cols = jnp.arange(scores.shape[2]) * 2 + 1 < num_prefix  # protected B tokens (distillation)
   scores = jnp.where(rows[None, :, None] | cols[None, None, :], -jnp.inf, scores)
-  node_max, node_idx = scores.max(-1), scores.argmax(-1)
-  order = jnp.argsort(-node_max, axis=-1, stable=True)
-  src, unm = order[:, :r], jnp.sort(order[:, r:], axis=-1)
-  dst = jnp.take_along_axis(node_idx, src, axis=1)
-  return unm, src, dst
-
-
-def merge_sum(t, unm, src, dst, num_prefix: int):
-  """Sums each merged A entry into its B partner: [B,T,...] -> [B,T-r,...], prefix first.
-
-  One one-hot contraction (deterministic) instead of a scatter loop over sources.
-  """
-  a, b = t[:, ::2], t[:, 1::2]
-  moved = take_tokens(a, src)
-  onehot = jax.nn.one_hot(dst, b.shape[1], dtype=moved.dtype)          # [B, r, nB]
-  flat = moved.reshape(*moved.shape[:2], -1)
-  b = b + jnp.einsum("brn,brf->bnf", onehot, flat).reshape(b.shape)
-  out = jnp.concatenate([take_tokens(a, unm), b], axis=1)
-  return out[:, output_order(unm.shape[1], b.shape[1], num_prefix)]
-
-
-def merge_weighted(t, weight, unm, src, dst, num_prefix: int):
-  """Weighted mean of each merged group, sum(w * t) / sum(w), with weight [B, T].
-
-  Tokens that take part in no merge pass through bit-exactly (no w * t / w round trip).
-  """
-  w = weight.reshape(weight.shape + (1,) * (t.ndim - 2)).astype(jnp.float32)
-  a, b = t[:, ::2], t[:, 1::2]
-  wa, wb = w[:, ::2], w[:, 1::2]
-  onehot = jax.nn.one_hot(dst, b.shape[1], dtype=jnp.float32)         # [B, r, nB]
-
-  def gathered(v):  # sum of the moved A entries per B token
-    moved = take_tokens(v, src)
-    flat = moved.reshape(*moved.shape[:2], -1)
-    return jnp.einsum("brn,brf->bnf", onehot, flat).reshape(v.shape[:1] + (b.shape[1],) +
-                                                            v.shape[2:])
-  den = wb + gathered(wa)
-  merged = (wb * b.astype(jnp.float32) + gathered(wa * a.astype(jnp.float32))) / den
-  touched = onehot.sum(1).reshape(b.shape[:2] + (1,) * (t.ndim - 2)) > 0
-  b = jnp.where(touched, merged.astype(t.dtype), b)
-  out = jnp.concatenate([take_tokens(a, unm), b], axis=1)
-  return out[:, output_order(unm.shape[1], b.shape[1], num_prefix)]
-
-
-def merge_state(state: TokenState, unm, src, dst, num_prefix: int) -> TokenState:
-  """Sizes and sources add up; pos is the size-weighted mean; valid is kept from the B side."""
-  def summed(t):
-    return None if t is None else merge_sum(t, unm, src, dst, num_prefix)
-  pos = None
-  if state.pos is not None:
-    pos = merge_weighted(jnp.nan_to_num(state.pos), state.size, unm, src, dst, num_prefix)
-    is_prefix = jnp.arange(pos.shape[1]) < num_prefix
-    pos = jnp.where(is_prefix[None, :, None], jnp.nan, pos)
-  valid = None
-  if state.valid is not None:
-    valid = merge_sum(state.valid.astype(jnp.float32), unm, src, dst, num_prefix) > 0
-  index = None
-  if state.index is not None:  # a token that absorbed others is a new one
-    alone = merge_sum(jnp.ones(state.size.shape, jnp.int32), unm, src, dst, num_prefix) == 1
-    index = jnp.where(alone, merge_sum(state.index, unm, src, dst, num_prefix), -1)
-  return TokenState(size=summed(state.size), source=summed(state.source), pos=pos, valid=valid,
-                    index=index)
+  src, unm, dst = greedy_match(scores, r)
+  if num_prefix:
+    unm = jnp.sort(unm, axis=-1)
+  groups = bipartite_groups(metric.shape[1], unm, src, dst)
+  if not num_prefix:
+    return groups
+  return reorder(groups, output_order(unm.shape[1], scores.shape[2], num_prefix))
 
 
 @registry.register("tome", paper="ToMe: Token Merging: Your ViT but Faster (Bolya et al., ICLR 2023)",
@@ -174,6 +119,5 @@ class ToMe(Reducer):
 
   def __call__(self, x, state, aux, *, deterministic=True):
     metric = x if self.metric == "x" else aux["key_metric"]
-    unm, src, dst = match(metric, self.r, self.num_prefix)
-    x = merge_weighted(x, state.size, unm, src, dst, self.num_prefix)
-    return x, merge_state(state, unm, src, dst, self.num_prefix)
+    groups = match(metric, self.r, self.num_prefix)
+    return group_mean(x, state.size, groups), merge_state(state, groups, self.num_prefix)
