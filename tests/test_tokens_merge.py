@@ -193,30 +193,119 @@ def ats_aux(score):
 
 
 def test_ats_sampling_oracles():
+  """The benchmark form (form="haurum"): K midpoints of the CDF, each in its token's bin."""
   picked = sample(jnp.full((B, 16), 1 / 16), 4)
   np.testing.assert_array_equal(np.flatnonzero(np.asarray(picked[0])), [1, 5, 9, 13])
   onehot = jnp.zeros((B, 16)).at[:, 6].set(1.0)
-  y, st = apply(ATS(samples=5), rand(9, (B, N, D)), state_of(), ats_aux(onehot))
+  ats = ATS(samples=5, form="haurum")
+  y, st = apply(ats, rand(9, (B, N, D)), state_of(), ats_aux(onehot))
   assert y.shape == (B, 1 + 5, D)
   np.testing.assert_array_equal(np.asarray(st.valid), [[True, True] + [False] * 4] * B)
   np.testing.assert_array_equal(np.asarray(st.source[:, 1, 1 + 6]), [1, 1])
   rnd = jax.random.dirichlet(jax.random.key(10), jnp.ones(16), (B,))
-  y, st = apply(ATS(samples=8), rand(11, (B, N, D)), state_of(), ats_aux(rnd))
+  y, st = apply(ATS(samples=8, form="haurum"), rand(11, (B, N, D)), state_of(), ats_aux(rnd))
   assert y.shape == (B, 9, D) and bool(st.valid[:, 0].all())
   assert int(st.valid.sum(1).max()) <= 9
 
 
-def test_ats_mask_mode_equals_gather_in_a_vit():
+def official_ats(attn, v, n_tokens, n_ref_tokens):
+  """The official ATS sampling of one image, op for op (adaptivetokensampling/ATS,
+  ats_block.py): attn [H, N, N] and v [H, N, dh] with v = 0 for invalid tokens (policy 0), the
+  [CLS] at 0 -> (picked token of each of the n_tokens - 1 slots, -1 for an empty slot)."""
+  h, n = attn.shape[:2]
+  if n_tokens > n:  # forward(): the clamps of the sample count
+    n_tokens = n
+  if n_tokens < 8:
+    n_tokens = 8
+  n_tokens = min(round(n_tokens), n)
+  v_norm = np.linalg.norm(v.transpose(1, 0, 2).reshape(n, -1), axis=1)   # score_assignment_step
+  score = (attn[:, 0].sum(0) * v_norm)[1:]
+  score = score / score.sum()
+  sorted_idx = np.argsort(score, kind="stable")
+  cdf = np.cumsum(score[sorted_idx])
+  cdf = (cdf - cdf.min()) / (cdf.max() - cdf.min())
+  q = n_ref_tokens - 1                                                     # create_ys
+  ys_start = (cdf + (cdf == 0) * 1e8).min()
+  ys = ys_start + (np.linspace(0, 1, q) * (q - 1) - ys_start * np.arange(q)) / (q - 1)
+  diff = q - (n - 1)
+  padded = np.concatenate([np.zeros(diff), cdf])
+  picks = np.abs(ys[:, None] - padded[None]).argmin(1) - diff
+  picks = np.sort(picks)                                                   # get_unique_indices
+  shift_left = np.concatenate([picks[1:], [1]])
+  unique = np.sort(np.where(shift_left - picks == 0, n - 1, picks))[:n - 1][:n_tokens - 1]
+  return np.where(unique == n - 1, -1, sorted_idx[np.minimum(unique, n - 2)])
+
+
+def ats_inputs(seed, grid=(6, 6), heads=4, invalid=0):
+  """Random attention and values (and a policy with `invalid` dropped patches) of B images."""
+  n = 1 + grid[0] * grid[1]
+  logits = 3.0 * rand(seed, (B, heads, n, n))
+  valid = jnp.ones((B, n), bool).at[:, n - invalid:].set(False) if invalid else None
+  if valid is not None:
+    logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
+  attn = jax.nn.softmax(logits, axis=-1)
+  v = rand(seed + 1, (B, heads, n, 8))
+  if valid is not None:
+    v = v * valid[:, None, :, None]
+  aux = {"cls_probs_per_head": attn[:, :, 0], "value_norm": jnp.linalg.norm(v, axis=-1)}
+  return attn, v, valid, aux
+
+
+@pytest.mark.parametrize("samples, invalid", [(36, 0), (12, 0), (36, 9), (3, 0)])
+def test_ats_official_matches_the_official_code(samples, invalid):
+  """Default form: N0 CDF values from the smallest non-zero one to 1 over the ascending scores,
+  (sum_h A_h) * ||v|| over all channels, a cap of K slots (at least 7), picks in ascending
+  significance; invalid slots (a later stage) score 0, as the official zeroed values."""
+  grid = (6, 6)
+  attn, v, valid, aux = ats_inputs(samples + invalid, grid, invalid=invalid)
+  n0 = grid[0] * grid[1]
+  st = initial_state(B, 1, grid, track_source=True)
+  st = st if valid is None else st.replace(valid=valid)
+  kwargs = next(k for k in ATS.plan(dict(samples=(samples,), locations=(1,)), Layout(
+      depth=2, num_patches=n0, num_prefix=1)).blocks if k)
+  assert kwargs["form"] == "official" and kwargs["quantiles"] == n0
+  assert kwargs["samples"] == max(samples, 7)
+  x = rand(samples, (B, 1 + n0, D))
+  y, out = apply(ATS(**kwargs), x, st, aux)
+  for b in range(B):
+    want = official_ats(np.asarray(attn[b], np.float64), np.asarray(v[b], np.float64),
+                        kwargs["samples"] + 1, 1 + n0)
+    got = np.where(np.asarray(out.valid[b, 1:]), np.asarray(out.index[b, 1:]) - 1, -1)
+    np.testing.assert_array_equal(got, want)
+    kept = np.flatnonzero(want >= 0)
+    np.testing.assert_array_equal(np.asarray(y[b, 1 + kept]), np.asarray(x[b, 1 + want[kept]]))
+
+
+def test_ats_official_defaults():
+  plan = ATS.plan({}, Layout(depth=12, num_patches=196, num_prefix=1)).blocks
+  assert [i for i, kw in enumerate(plan) if kw] == list(range(3, 12))   # ATS_BLOCKS 3..11
+  assert {(kw["samples"], kw["quantiles"], kw["form"]) for kw in plan if kw} == {
+      (196, 196, "official")}                                            # NUM_TOKENS 197: no cap
+  plan = ATS.plan(dict(samples=(5, 100), locations=(3, 6)), Layout(
+      depth=12, num_patches=196, num_prefix=1)).blocks
+  assert (plan[3]["samples"], plan[6]["samples"]) == (7, 7)             # floor 8 with [CLS]
+  plan = ATS.plan(dict(form="haurum", keep_rate=0.5), Layout(
+      depth=12, num_patches=196, num_prefix=1)).blocks
+  assert [(i, kw["samples"]) for i, kw in enumerate(plan) if kw] == [(3, 98), (6, 49), (9, 24)]
+  with pytest.raises(ValueError, match="needs keep_rate"):
+    ATS.plan(dict(form="haurum"), Layout(depth=12, num_patches=196, num_prefix=1))
+
+
+@pytest.mark.parametrize("tokens, slots", [
+    (dict(form="haurum", samples=(10, 6), locations=(1, 2)), 6),
+    (dict(locations=(1, 2)), N - 1),               # official, no cap: every slot kept
+    (dict(samples=(10,), locations=(1,)), 10)])    # official, one capped stage
+def test_ats_mask_mode_equals_gather_in_a_vit(tokens, slots):
   imgs = jax.random.normal(jax.random.key(3), (B, 16, 16, 3))
 
   def build(mode):
-    return models.build(dict(variant="Ti/4", depth=4, tokens=dict(
-        name="ats", samples=(10, 6), locations=(1, 2), mode=mode)), num_classes=10, image_size=16)
+    return models.build(dict(variant="Ti/4", depth=4, tokens=dict(name="ats", mode=mode, **tokens)),
+                        num_classes=10, image_size=16)
   gather, mask = build("gather"), build("mask")
   variables = gather.init(jax.random.key(0), imgs)
   (l1, o1) = jax.jit(gather.apply)(variables, imgs)
   (l2, o2) = jax.jit(mask.apply)(variables, imgs)
-  assert o1["block_3"].shape[1] == 7 and o2["block_3"].shape[1] == N
+  assert o1["block_3"].shape[1] == 1 + slots and o2["block_3"].shape[1] == N
   np.testing.assert_allclose(np.asarray(l1), np.asarray(l2), atol=1e-5)
   assert int(o1["token_state"].valid.sum()) == int(o2["token_state"].valid.sum())
 
