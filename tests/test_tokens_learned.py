@@ -151,6 +151,19 @@ def test_tokenlearner_plan():
                                            num_prefix=1)
 
 
+def test_tokenlearner_dropout_follows_the_encoder():
+  """scenic passes the encoder's dropout_rate to the v1.1 learner and the fuser."""
+  tl = tokens.get("tokenlearner").cls
+  for opts, want in [({}, 0.1), (dict(dropout=0.0), 0.0), (dict(fuser=True), 0.1)]:
+    plan = tl.plan(opts, Layout(depth=12, num_patches=196, num_prefix=1, dropout=0.1)).blocks
+    assert {kw["dropout"] for kw in plan if kw} == {want}
+  model = tiny_vit("tokenlearner", keep_rate=None, num_tokens=4, dropout=None)
+  assert model.stage().plan().blocks[1]["dropout"] == 0.0   # the tiny ViT has no dropout
+  model = models.build(dict(variant="Ti/4", depth=4, dropout=0.2, tokens=dict(
+      name="tokenlearner", num_tokens=4, locations=(1,))), num_classes=10, image_size=16)
+  assert model.stage().plan().blocks[1]["dropout"] == 0.2
+
+
 def test_registry_flags():
   flags = {n: tokens.get(n) for n in ALL}
   assert all(e.hook == BEFORE_ATTENTION for e in flags.values())

@@ -10,6 +10,10 @@ tokens and the fuser maps them back onto the N tokens it started from:
 t = LN(Dense_{S -> S, zero init}(LN(y)^T)^T); beta = sigmoid(MLP_{D -> 64 -> S}(LN(x))) [N, S];
 out = beta t + x. The zero-initialised mixing makes the fuser the identity at initialisation.
 
+Dropout (v1.1 learner and fuser): the encoder's rate unless `dropout` is given, as scenic passes
+the encoder's dropout_rate to both (projects/token_learner/model.py, EncoderMod L312-314,
+EncoderModFuser L397-399 and L415); v1.0 has none (scenic's TokenLearnerModule takes no rate).
+
 The prefix (CLS, registers) is never pooled: it passes through (the paper's models have no CLS and
 pool with GAP). Sizes after a learner are alpha @ size (soft merge, see tokens.base.merge_state).
 """
@@ -131,9 +135,10 @@ class TokenLearner(Reducer):
   hook = BEFORE_ATTENTION
   soft = True
   # num_tokens: int or one per location (default 8) or keep_rate (cumulative counts floor(N0 *
-  # kr^s)); locations None: 3/4 of the depth (block 9 of 12 as in the scenic config)
+  # kr^s)); locations None: 3/4 of the depth (block 9 of 12 as in the scenic config); dropout
+  # None: the encoder's rate
   options = {"num_tokens": None, "keep_rate": None, "locations": None, "fuser": False,
-             "bottleneck": 64, "dropout": 0.0}
+             "bottleneck": 64, "dropout": None}
 
   @classmethod
   def plan(cls, options, layout: Layout) -> Plan:
@@ -142,6 +147,8 @@ class TokenLearner(Reducer):
     locs = opts.pop("locations") or (depth * 3 // 4,)
     counts = learned_counts(name, opts, len(locs), num_patches)
     del opts["num_tokens"], opts["keep_rate"]
+    if opts["dropout"] is None:
+      opts["dropout"] = layout.dropout
     if opts["fuser"] and len(locs) != 1:
       raise ValueError(f"token reducer {name!r}: with fuser=True give one location (learn and "
                        f"fuse at every block from there on), got {locs}")
