@@ -14,6 +14,7 @@ from vitjax import models
 from vitjax import tokens
 from vitjax.attention.base import policy_key_bias
 from vitjax.tokens import dynamicvit as dvit
+from vitjax.tokens import sinkhorn
 from vitjax.tokens.base import initial_state
 from vitjax.tokens.base import BEFORE_ATTENTION, Layout
 
@@ -446,6 +447,40 @@ def test_sinkhorn_matches_reference_and_columns_sum_to_one():
     gap = z - z.max(1, keepdims=True)
     best = (gap >= gap.max(0, keepdims=True) - 1e-7).astype(float)
     close(soft_weights(new)[b], best / best.sum(0, keepdims=True), 1e-3)
+
+
+def test_sinkhorn_centres_step_like_the_benchmark_under_adamw():
+  """The benchmark renormalises its centres in place before every forward and AdamW steps from
+  that unit value; optax's adamw + keep_centers_normalized gives the same centres (the benchmark's
+  step written out here with torch's AdamW formula); adamw alone drifts away from them."""
+  m, x, state = build("sinkhorn"), tokens_in(), state_in()
+  params = fast_jit(m.init)(jax.random.PRNGKey(1), x, state, {})["params"]
+  cot = rand(9, (B, P + m.count, D))
+  grad = fast_jit(jax.grad(lambda p: (m.apply({"params": p}, x, state, {})[0] * cot).sum()))
+  lr, wd, b1, b2, eps, steps = 0.05, 0.1, 0.9, 0.999, 1e-8, 3
+
+  def optax_centres(tx):
+    p, opt = params, tx.init(params)
+    for _ in range(steps):
+      u, opt = tx.update(grad(p), opt, p)
+      p = optax.apply_updates(p, u)
+    return np.asarray(p["centers"], np.float64)
+
+  v = np.asarray(params["centers"], np.float64)
+  mom, sq = np.zeros_like(v), np.zeros_like(v)
+  for t in range(1, steps + 1):
+    v = v / np.linalg.norm(v, axis=-1, keepdims=True)           # in place, no gradient
+    g = np.asarray(grad({"centers": jnp.asarray(v, jnp.float32)})["centers"], np.float64)
+    v = v * (1 - lr * wd)                                        # torch AdamW: decay, then step
+    mom, sq = b1 * mom + (1 - b1) * g, b2 * sq + (1 - b2) * g * g
+    v = v - lr * (mom / (1 - b1 ** t)) / (np.sqrt(sq / (1 - b2 ** t)) + eps)
+  want = v / np.linalg.norm(v, axis=-1, keepdims=True)
+  adamw = optax.adamw(lr, b1, b2, eps, weight_decay=wd)
+  kept = optax_centres(optax.chain(adamw, sinkhorn.keep_centers_normalized()))
+  close(np.linalg.norm(kept, axis=-1), 1.0)
+  close(kept, want, 1e-5)
+  drifted = optax_centres(adamw)
+  assert np.abs(drifted / np.linalg.norm(drifted, axis=-1, keepdims=True) - want).max() > 1e-4
 
 
 # ----- clustering -----
