@@ -158,6 +158,26 @@ def test_no_gradient_through_indices():
   np.testing.assert_array_equal(np.asarray(g), 0.0)
 
 
+def test_identity_keeps_every_token():
+  x, st = rand(13, (B, N, D)), state_of()
+  assert plan_blocks(tokens_lib.get("none").cls, {}, depth=4, num_patches=16, num_prefix=1) == [
+      None] * 4
+  y, out = tokens_lib.get("none").cls().apply({}, x, st, {})
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+  chex.assert_trees_all_equal(out, st)
+
+
+def test_topk_matches_numpy():
+  """Top-K keeps the k best [CLS] scores in descending order (Haurum models/topk.py)."""
+  x, st, a = rand(14, (B, N, D)), state_of(), scores_like(15)
+  aux = {"cls_probs": jnp.concatenate([jnp.full((B, 1), 0.2), a], 1)}
+  y, out = TopK(keep=6).apply({}, x, st, aux)
+  order = np.argsort(-np.asarray(a), axis=1, kind="stable")[:, :6]
+  for b in range(B):
+    np.testing.assert_array_equal(np.asarray(y[b]), np.asarray(x[b, np.r_[0, 1 + order[b]]]))
+    np.testing.assert_array_equal(np.asarray(out.index[b]), np.r_[0, 1 + order[b]])
+
+
 def test_topk_equals_evit_without_fusion():
   x, st = rand(8, (B, N, D)), state_of()
   aux = {"cls_probs": jnp.concatenate([jnp.full((B, 1), 0.2), scores_like(9)], 1)}
@@ -316,3 +336,12 @@ def test_visualize_evit_stages(tmp_path):
   image = np.asarray(jax.random.uniform(jax.random.key(1), (16, 16, 3)))
   path = visualize.plot_stages(image, stages, 4, str(tmp_path / "evit.png"), fused_index=-1)
   assert (tmp_path / "evit.png").stat().st_size > 0 and path.endswith(".png")
+
+
+# reducer -> its test against a reference written here; tests/test_tokens_registry.py fails
+# for a registered reducer that no test file lists
+REFERENCE_CASES = {
+    "evit": test_kept_set_and_order_match_numpy,
+    "topk": test_topk_matches_numpy,
+    "none": test_identity_keeps_every_token,
+}

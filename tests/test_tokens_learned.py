@@ -714,3 +714,17 @@ def test_in_tiny_vit_forward_and_grad_finite(name):
       assert float(jnp.abs(g[stage]["predictor"]["out_fc3"]["kernel"]).max()) > 0
   else:
     close(logits, eval_logits, 1e-6)
+
+
+# reducer -> its test against a reference written here; tests/test_tokens_registry.py fails
+# for a registered reducer that no test file lists
+REFERENCE_CASES = {
+    "dynamicvit": test_dynamicvit_inference_keeps_top_scores,
+    "patchmerger": test_patchmerger_matches_reference_and_is_convex,
+    "sit": test_sit_matches_reference_and_is_convex,
+    "sinkhorn": test_sinkhorn_matches_reference_and_columns_sum_to_one,
+    "kmedoids": test_kmedoids_matches_reference_and_copies_tokens,
+    "dpcknn": test_dpcknn_matches_reference_and_is_convex,
+    "tokenlearner": test_tokenlearner_v11_matches_reference_and_is_convex,
+    "tokenlearner_v1": test_tokenlearner_v10_sum_pooling_matches_reference,
+}

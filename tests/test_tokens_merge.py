@@ -326,3 +326,12 @@ def test_merging_in_a_tiny_vit(spec):
   np.testing.assert_allclose(np.asarray(out["token_state"].size.sum(1)), [N, N])
   want = [14, 11, 8, 5] if spec["name"] == "tome" else [17, 14, 11, 10]
   assert [out[f"block_{i}"].shape[1] for i in range(4)] == want
+
+
+# reducer -> its test against a reference written here; tests/test_tokens_registry.py fails
+# for a registered reducer that no test file lists
+REFERENCE_CASES = {
+    "tome": test_tome_matches_numpy_and_conserves,
+    "mctf": test_mctf_matches_naive_reference,
+    "ats": test_ats_official_matches_the_official_code,
+}
