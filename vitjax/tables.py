@@ -8,6 +8,7 @@ import sys
 
 from vitjax import attention, models, tokens
 
+
 def yes_no(flag: bool) -> str:
   return "yes" if flag else "no"
 

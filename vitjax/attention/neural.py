@@ -41,8 +41,8 @@ class ScoreMLP(nn.Module):
 
 
 def neural_macs(n, width, num_heads, *, projection_dim, **_):
-  """Projections + q', k' (n H d p each) + the score MLP: its first layer per token
-  (2 n H p^2), the second and third on every pair (n^2 H p (p/2 + ... )) + P V (n^2 D)."""
+  """Projections, q' and k' (n H d p each), the score MLP's first layer per token (n H p^2 for
+  each side), its p -> p/2 -> 1 layers on every pair (n^2 H (p p/2 + p/2)), and P V (n^2 D)."""
   d = width // num_heads
   p = projection_dim or max(2, d // 32)
   half = max(1, p // 2)

@@ -61,6 +61,7 @@ def register(name: str, *, like: Optional[str] = None, caps: Optional[Capabiliti
   facts = dict(caps=caps, paper=paper, official=official, complexity=complexity, impls=impls,
                macs_tolerance=macs_tolerance)
   facts = {k: getattr(base, k) if v is None else v for k, v in facts.items()}
+  facts["impls"] = tuple(facts["impls"])
   macs = base.macs.fn if macs is None and base.macs is not None else macs
 
   def deco(cls):
