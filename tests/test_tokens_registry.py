@@ -1,4 +1,4 @@
-"""Driven by the registry: every reducer has a reference test and plans exactly its declared options."""
+"""Registry-driven: every reducer has a reference test and takes exactly its declared options."""
 import pytest
 
 from vitjax import tokens

@@ -82,7 +82,8 @@ def is_centers(path) -> bool:
 
 def keep_centers_normalized() -> optax.GradientTransformation:
   """Chained last after an optimizer: the update of every Sinkhorn centre parameter lands on
-  unit rows, normalize(v + u) - v, the benchmark's in-place renormalisation; others pass as given."""
+  unit rows, normalize(v + u) - v (the benchmark's in-place renormalisation); others pass as
+  given."""
   def update(updates, state, params=None):
     if params is None:
       raise ValueError("keep_centers_normalized needs the params: call tx.update(grads, state, "
