@@ -10,7 +10,6 @@ repeated augmentation are part of that recipe. Without them expect a few points 
 Args: variant=S/16 (Ti/16, B/16), batch=1024, dtype=bfloat16, smoke=True (4 steps, for tests).
 """
 import ml_collections
-from ml_collections import config_dict
 
 from vitjax import config_lib
 
@@ -20,11 +19,7 @@ def get_config(arg=None):
                              attention="mhsa", tokens="none", smoke=False)
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.data = dict(
-      name="imagenet2012", data_dir=config_dict.placeholder(str),
-      train_split="train", eval_split="validation",
-      pp_train="decode|random_resized_crop(224)|flip_lr|normalize",
-      pp_eval="decode|resize_small(256)|central_crop(224)|normalize", worker_count=16)
+  config.data = config_lib.imagenet("decode|random_resized_crop(224)|flip_lr|normalize")
   config.image_size = 224
   config.model = dict(name="vit", variant=arg.variant, drop_path=0.1,
                       attention=dict(name=arg.attention), tokens=dict(name=arg.tokens))
@@ -33,19 +28,10 @@ def get_config(arg=None):
   config.total_epochs = arg.epochs
   config.warmup_epochs = 5
   config.label_smoothing = 0.1
-  config.optimizer = dict(name="adamw", lr=5e-4 * arg.batch / 512, weight_decay=0.05,
-                          schedule="cosine", min_lr=1e-5, b1=0.9, b2=0.999, eps=1e-8,
-                          clip_norm=None, grad_accum_steps=1)
-  config.mesh = (("data", -1),)
-  config.sharding = "dp"
-  config.log_every_steps = 100
-  config.eval_every_epochs = 10
-  config.checkpoint_every_epochs = 1
-  config.keep_checkpoints = 3
+  config.optimizer = config_lib.deit_optimizer(lr=5e-4 * arg.batch / 512, min_lr=1e-5,
+                                               weight_decay=0.05)
+  config_lib.imagenet_bookkeeping(config, eval_every_epochs=10)
   config.keep_checkpoint_every_steps = None
   if arg.smoke:
-    config.total_epochs, config.total_steps = None, 4
-    config.warmup_epochs, config.warmup_steps = None, 1
-    config.eval_every_epochs = config.checkpoint_every_epochs = None
-    config.eval_every_steps = config.checkpoint_every_steps = 4
+    config_lib.steps_not_epochs(config, 4, warmup_steps=1)
   return config

@@ -25,10 +25,6 @@ from ml_collections import config_dict
 
 from vitjax import config_lib
 
-DEIT_TRAIN_PP = ("decode|random_resized_crop(224)|flip_lr|randaugment(2, 9.0, 0.5)|normalize"
-                 "|random_erasing(0.25, 'pixel')")
-DEIT_EVAL_PP = "decode|resize_small(256)|central_crop(224)|normalize"
-
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, init_from="", keep_rate=0.7, variant="S/16", batch=2048,
@@ -39,41 +35,24 @@ def get_config(arg=None):
   if arg.init_from:
     config.init_from = arg.init_from
   config.init_skip = ()  # e.g. ("head",) to fine-tune onto another label set
-  config.data = dict(name="imagenet2012", data_dir=config_dict.placeholder(str),
-                     train_split="train",
-                     eval_split="validation", pp_train=DEIT_TRAIN_PP, pp_eval=DEIT_EVAL_PP,
-                     worker_count=16, repeated_aug=3)
+  # the fine-tuning schedule: short, a small lr scaled by the batch, no warm-up (the weights
+  # are trained already)
+  config.total_epochs = arg.epochs
+  config.warmup_epochs = 0
+  config.batch_size = arg.batch
+  config.optimizer = config_lib.deit_optimizer(lr=2e-5 * arg.batch / 512, min_lr=2e-6,
+                                               weight_decay=1e-6)
+  # the rest of the DeiT recipe, as configs/evit_scratch.py trains it
+  config.data = config_lib.imagenet(config_lib.DEIT_TRAIN_PP, repeated_aug=3)
   config.image_size = 224
+  config_lib.deit_regularisation(config)
   config.model = dict(name="vit", variant=arg.variant, drop_path=0.0,
                       tokens=dict(name="evit", keep_rate=arg.keep_rate, locations=(3, 6, 9)))
   config.dtype = arg.dtype
-  config.batch_size = arg.batch
-  config.total_epochs = arg.epochs
-  config.warmup_epochs = 0
-  config.label_smoothing = 0.0  # folded into the mixup targets
-  config.mixup = dict(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5, prob=1.0,
-                      label_smoothing=0.1)
-  config.ema = dict(decay=0.99996)
-  config.optimizer = dict(name="adamw", lr=2e-5 * arg.batch / 512, min_lr=2e-6,
-                          weight_decay=1e-6, schedule="cosine", b1=0.9, b2=0.999, eps=1e-8,
-                          clip_norm=None, grad_accum_steps=1)
-  config.mesh = (("data", -1),)
-  config.sharding = "dp"
-  config.log_every_steps = 100
-  config.eval_every_epochs = 5
-  config.checkpoint_every_epochs = 1
-  config.keep_checkpoints = 3
+  config_lib.imagenet_bookkeeping(config, eval_every_epochs=5)
   if arg.smoke:
-    config.data.update(name="vitjax_digits", train_split="train", eval_split="test",
-                       worker_count=0, pp_eval="value_range(-1, 1)",
-                       pp_train="randaugment(2, 9.0, 0.5)|value_range(-1, 1)|random_erasing(0.25)")
-    config.image_size = None
-    config.model.update(variant="Ti/2", width=64, depth=4, num_heads=2, mlp_dim=128)
-    config.model.tokens.locations = (1, 2, 3)
-    config.dtype = "float32"
+    config_lib.evit_on_digits(config)
     config.batch_size = 32
-    config.total_epochs, config.total_steps = None, 4
+    config_lib.steps_not_epochs(config, 4)
     config.log_every_steps = 2
-    config.eval_every_epochs = config.checkpoint_every_epochs = None
-    config.eval_every_steps = config.checkpoint_every_steps = 4
   return config

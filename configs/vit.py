@@ -61,8 +61,5 @@ def get_config(arg=None):
   config.checkpoint_every_epochs = max(arg.epochs // 20, 1)
   config.keep_checkpoints = 3
   if arg.smoke:
-    config.total_epochs, config.total_steps = None, 4
-    config.warmup_epochs, config.warmup_steps = None, 1
-    config.eval_every_epochs = config.checkpoint_every_epochs = None
-    config.eval_every_steps = config.checkpoint_every_steps = 4
+    config_lib.steps_not_epochs(config, 4, warmup_steps=1)
   return config
