@@ -143,6 +143,12 @@ class ATS(Reducer):
       slots = k if opts["mode"] == "gather" else slots
     return Plan(at_blocks(layout.depth, blocks))
 
+  @classmethod
+  def macs(cls, n: int, width: int, **kwargs) -> int:
+    """Sampling by comparisons, O(N0 n), and no multiply-accumulates on the tokens."""
+    del n, width, kwargs
+    return 0
+
   def __call__(self, x, state, aux, *, deterministic=True):
     p, valid = self.num_prefix, state.valid
     score = significance(aux, p, valid, self.score_norm, self.form)

@@ -59,6 +59,15 @@ class DPCKNN(Reducer):
   options = {"keep_rate": REQUIRED, "locations": DEFAULT_LOCATIONS, "k_neighbors": 5,
              "equal_weight": False}
 
+  @classmethod
+  def macs(cls, n: int, width: int, *, count: int, equal_weight: bool = False,
+           num_prefix: int = 1, **kwargs) -> int:
+    """The Gram matrix of the distances, n^2 width, the token weights' projection (n width) and
+    the clusters' weighted sums, M n width."""
+    del kwargs
+    m = n - num_prefix
+    return m * m * width + (0 if equal_weight else m * width) + count * m * width
+
   @nn.compact
   def __call__(self, x, state, aux, *, deterministic=True):
     p = self.num_prefix

@@ -86,6 +86,13 @@ class DynamicViT(Reducer):
         loc: dict(count=c, ratio=r, num_stages=len(locs), **opts)
         for loc, r, c in zip(locs, ratios, counts)}))
 
+  @classmethod
+  def macs(cls, n: int, width: int, *, num_prefix: int = 1, **kwargs) -> int:
+    """The predictor on the image tokens: D -> D, then the MLP D -> D/2 -> D/4 -> 2."""
+    del kwargs
+    d = width
+    return (n - num_prefix) * (d * d + d * (d // 2) + (d // 2) * (d // 4) + (d // 4) * 2)
+
   @nn.compact
   def __call__(self, x, state, aux, *, deterministic=True):
     p = self.num_prefix

@@ -121,6 +121,12 @@ class EViT(Reducer):
     from vitjax.tokens import schedule  # pylint: disable=import-outside-toplevel
     return schedule.Warmup.build(cls, opts, layout, steps_per_epoch=steps_per_epoch)
 
+  @classmethod
+  def macs(cls, n: int, width: int, *, fuse: bool = True, num_prefix: int = 1, **kwargs) -> int:
+    """The fused token, sum_j a_j x_j over the image tokens (the dropped ones weighted)."""
+    del kwargs
+    return (n - num_prefix) * width if fuse else 0
+
   def __call__(self, x, state, aux, *, deterministic=True):
     scores = cls_scores(aux, self.num_prefix, self.score_norm)
     return reorganize(x, state, scores, self.keep, num_prefix=self.num_prefix, fuse=self.fuse,

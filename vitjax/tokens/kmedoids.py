@@ -85,6 +85,15 @@ class KMedoids(Reducer):
              "equal_weight": False, "medoid_update": "haurum"}
   choices = {"medoid_update": UPDATES}
 
+  @classmethod
+  def macs(cls, n: int, width: int, *, count: int, cluster_iters: int = 3,
+           medoid_update: str = "haurum", num_prefix: int = 1, **kwargs) -> int:
+    """The Gram matrix of the distances, n^2 width; the textbook update adds M n^2 per round."""
+    del kwargs
+    m = n - num_prefix
+    rounds = cluster_iters * count * m * m if medoid_update == "textbook" else 0
+    return m * m * width + rounds
+
   @nn.compact
   def __call__(self, x, state, aux, *, deterministic=True):
     p = self.num_prefix

@@ -114,8 +114,23 @@ def attention_macs_fns(model) -> list:
   return fns
 
 
+def reducer_macs(model, channels: int = 3) -> int:
+  """The reducer's own work in a built ViT (one image): each planned reduction's registered
+  `macs(n, width, ...)`, n the tokens it receives. `model_macs` leaves it out, as the papers'
+  tables do (EViT's fusion, for one, is under 0.1% of a DeiT-S forward)."""
+  stage = model.stage()
+  reducer, _ = stage.reducer()
+  total = 0
+  for c, bp in zip(block_counts(model, channels), stage.block_plans()):
+    if bp.reducer is not None:
+      total += reducer.macs(c.n_in, model.width, num_heads=model.num_heads,
+                            num_prefix=stage.num_prefix, **bp.reducer)
+  return total
+
+
 def model_macs(model, channels: int = 3, ahead: str = "recompute") -> int:
-  """Analytic MACs of a built ViT (one image), each block's attention counted as registered."""
+  """Analytic MACs of a built ViT (one image), each block's attention counted as registered; the
+  reducer's own work is `reducer_macs`."""
   grid = model.grid
   return vit_macs(block_counts(model, channels), width=model.width, mlp_dim=model.mlp_dim,
                   num_patches=grid[0] * grid[1], patch_size=model.patch_size, channels=channels,

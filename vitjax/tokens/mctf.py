@@ -111,6 +111,13 @@ class MCTF(Reducer):
     prop_attn = bool(opts.pop("prop_attn"))
     return Plan(tuple(dict(r=r, **opts) if r > 0 else None for r in rs), prop_attn=prop_attn)
 
+  @classmethod
+  def macs(cls, n: int, width: int, *, r: int, num_heads: int = 1, **kwargs) -> int:
+    """Similarity nA nB width, the attention each token receives (one accumulate per attention
+    weight, num_heads n^2) and the merge's one-hot contraction, r (n - r) width."""
+    del kwargs
+    return (n + 1) // 2 * (n // 2) * width + num_heads * n * n + r * (n - r) * width
+
   def __call__(self, x, state, aux, *, deterministic=True):
     attn = jax.lax.stop_gradient(aux["attn"].astype(jnp.float32))  # no gradient in the reference
     size = state.size

@@ -25,6 +25,12 @@ class PatchMerger(Reducer):
   soft = True
   options = {"keep_rate": REQUIRED, "locations": DEFAULT_LOCATIONS, "scaled": False}
 
+  @classmethod
+  def macs(cls, n: int, width: int, *, count: int, num_prefix: int = 1, **kwargs) -> int:
+    """The query logits and the pooling, each M n width."""
+    del kwargs
+    return 2 * count * (n - num_prefix) * width
+
   @nn.compact
   def __call__(self, x, state, aux, *, deterministic=True):
     p, d = self.num_prefix, x.shape[-1]

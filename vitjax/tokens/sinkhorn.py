@@ -64,6 +64,13 @@ class Sinkhorn(Reducer):
   soft = True
   options = {"keep_rate": REQUIRED, "locations": DEFAULT_LOCATIONS, "sinkhorn_eps": 1.0, "iters": 3}
 
+  @classmethod
+  def macs(cls, n: int, width: int, *, count: int, num_prefix: int = 1, **kwargs) -> int:
+    """The scores c x_hat^T and the pooling Pi x_hat, each M n width (the Sinkhorn iterations are
+    log-sum-exps, not multiply-accumulates)."""
+    del kwargs
+    return 2 * count * (n - num_prefix) * width
+
   @nn.compact
   def __call__(self, x, state, aux, *, deterministic=True):
     p, d = self.num_prefix, x.shape[-1]

@@ -26,6 +26,14 @@ class SiT(Reducer):
   soft = True
   options = {"keep_rate": REQUIRED, "locations": DEFAULT_LOCATIONS, "hidden_ratio": 0.5}
 
+  @classmethod
+  def macs(cls, n: int, width: int, *, count: int, hidden_ratio: float = 0.5, num_prefix: int = 1,
+           **kwargs) -> int:
+    """The MLP D -> D/2 -> M on the image tokens and the pooling A^T x."""
+    del kwargs
+    hidden = int(width * hidden_ratio)
+    return (n - num_prefix) * (width * hidden + hidden * count + count * width)
+
   @nn.compact
   def __call__(self, x, state, aux, *, deterministic=True):
     p, d = self.num_prefix, x.shape[-1]

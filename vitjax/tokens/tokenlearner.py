@@ -166,6 +166,24 @@ class TokenLearner(Reducer):
         loc: dict(count=counts[0 if opts["fuser"] else i], num_patches=num_patches, **opts)
         for i, loc in enumerate(blocks)}))
 
+  @classmethod
+  def macs(cls, n: int, width: int, *, count: int, bottleneck: int = 64, fuser: bool = False,
+           num_prefix: int = 1, **kwargs) -> int:
+    """The learner on the m = n - p image tokens; with the fuser, also its S x S mixing, its MLP
+    on the original tokens and the map back, m S width."""
+    m = n - num_prefix
+    total = cls.learner_macs(m, width, count, bottleneck, **kwargs)
+    if fuser:
+      mlp = m * (width * bottleneck + bottleneck * count)
+      total += width * count * count + mlp + m * count * width
+    return total
+
+  @classmethod
+  def learner_macs(cls, m: int, width: int, count: int, bottleneck: int, **kwargs) -> int:
+    """v1.1: the MLP D -> bottleneck -> S on m tokens and the pooling, S m width."""
+    del kwargs
+    return m * (width * bottleneck + bottleneck * count) + count * m * width
+
   def make_learner(self):
     return TokenLearnerV11(self.count, self.bottleneck, self.dropout, self.dtype)
 
@@ -202,6 +220,15 @@ class TokenLearnerV1(TokenLearner):
 
   needs_grid = True
   options = {**TokenLearner.options, "sum_pooling": True}
+
+  @classmethod
+  def learner_macs(cls, m: int, width: int, count: int, bottleneck: int, *, grid=None,
+                   **kwargs) -> int:
+    """Four 3x3 convolutions (D -> S, then S -> S three times) and the pooling, S m width; a
+    zero-padded 3x3 convolution on an h x w grid has (3h - 2)(3w - 2) in-bounds taps."""
+    del bottleneck, kwargs
+    h, w = grid if grid is not None else (math.isqrt(m),) * 2
+    return (3 * h - 2) * (3 * w - 2) * (width * count + 3 * count * count) + count * m * width
 
   def make_learner(self):
     return TokenLearnerV10(self.count, tuple(self.grid), self.sum_pooling, self.dtype)

@@ -117,6 +117,18 @@ class ToMe(Reducer):
     return Plan(tuple(dict(r=r, metric=opts["metric"]) if r > 0 else None for r in rs),
                 prop_attn=bool(opts["prop_attn"]))
 
+  @classmethod
+  def macs(cls, n: int, width: int, *, r: int, metric: str = "keys", num_heads=None,
+           **kwargs) -> int:
+    """Similarity of the A to the B tokens, nA nB d (d: the head-mean keys' width, or width with
+    metric="x"), and the merge's one-hot contraction, r (n - r) width."""
+    del kwargs
+    if metric == "keys" and not num_heads:
+      raise ValueError("tome's MACs with metric='keys' need num_heads (the keys' width is "
+                       "width // num_heads)")
+    d = width if metric == "x" else width // num_heads
+    return (n + 1) // 2 * (n // 2) * d + r * (n - r) * width
+
   def __call__(self, x, state, aux, *, deterministic=True):
     metric = x if self.metric == "x" else aux["key_metric"]
     groups = match(metric, self.r, self.num_prefix)

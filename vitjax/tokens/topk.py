@@ -42,6 +42,12 @@ class TopK(Reducer):
         n = keep
     return Plan(at_blocks(layout.depth, blocks))
 
+  @classmethod
+  def macs(cls, n: int, width: int, **kwargs) -> int:
+    """Pure selection: no multiply-accumulates of its own."""
+    del n, width, kwargs
+    return 0
+
   def __call__(self, x, state, aux, *, deterministic=True):
     scores = cls_scores(aux, self.num_prefix, self.score_norm)
     full = keep_prefix_and(select(scores, self.keep, self.keep_order), self.num_prefix)
