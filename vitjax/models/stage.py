@@ -141,7 +141,7 @@ class Stage(nn.Module):
 
   # ----- static structure (Python values computed from the fields) -----
   def attention_entries(self) -> list:
-    return [attn_lib.registry.check(b["attention"])[0] for b in self.blocks]
+    return [attn_lib.registry.check(b["attention"], b.get("impl"))[0] for b in self.blocks]
 
   def reducer(self):
     name, options = tokens_lib.registry.split_spec(self.tokens)
