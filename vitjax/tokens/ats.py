@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from vitjax.tokens import registry
 from vitjax.tokens.base import (DEFAULT_LOCATIONS, SCORE_NORMS, Layout, Plan, Reducer, at_blocks,
                                 cumulative_counts, keep_prefix_and, normalize_row, score_norm_at,
-                                take_state, take_tokens)
+                                selection_macs, take_state, take_tokens)
 
 FORMS = ("official", "haurum")
 MODES = ("gather", "mask")
@@ -127,6 +127,7 @@ class ATS(Reducer):
   options = {"form": "official", "keep_rate": None, "samples": None, "locations": None,
              "mode": "gather", "score_norm": None}
   choices = {"form": FORMS, "mode": MODES, "score_norm": (None,) + SCORE_NORMS}
+  macs = classmethod(selection_macs)  # sampling by comparisons, O(N0 n)
 
   @classmethod
   def plan(cls, options, layout: Layout) -> Plan:
@@ -142,12 +143,6 @@ class ATS(Reducer):
                          score_norm=score_norm_at(layout, loc, opts["score_norm"]))
       slots = k if opts["mode"] == "gather" else slots
     return Plan(at_blocks(layout.depth, blocks))
-
-  @classmethod
-  def macs(cls, n: int, width: int, **kwargs) -> int:
-    """Sampling by comparisons, O(N0 n), and no multiply-accumulates on the tokens."""
-    del n, width, kwargs
-    return 0
 
   def __call__(self, x, state, aux, *, deterministic=True):
     p, valid = self.num_prefix, state.valid

@@ -410,3 +410,11 @@ def pairwise_dist(x):
   sq = (x * x).sum(-1)
   d2 = sq[:, :, None] + sq[:, None, :] - 2.0 * jnp.einsum("bnd,bmd->bnm", x, x)
   return jnp.sqrt(jnp.maximum(d2, 0.0))
+
+
+# ----- MACs of a reducer's own work (`Reducer.macs(n, width, **plan kwargs)`) -----
+def selection_macs(cls, n: int, width: int, **kwargs) -> int:
+  """A pure selection's count, for `macs = classmethod(selection_macs)`: comparisons, sorts and
+  gathers are no multiply-accumulates."""
+  del cls, n, width, kwargs
+  return 0

@@ -7,7 +7,8 @@ descending score order. A per-location list gives the ratios kr_s of num_patches
 from vitjax.tokens import registry
 from vitjax.tokens.base import (DEFAULT_LOCATIONS, REQUIRED, SCORE_NORMS, Layout, Plan, Reducer,
                                 at_blocks, cls_scores, cumulative_counts, keep_prefix_and,
-                                score_norm_at, select, take_state, take_tokens)
+                                score_norm_at, select, selection_macs, take_state,
+                                take_tokens)
 
 
 def topk_counts(keep_rate, num_patches: int = 196, locations=DEFAULT_LOCATIONS) -> list:
@@ -29,6 +30,7 @@ class TopK(Reducer):
   options = {"keep_rate": REQUIRED, "locations": DEFAULT_LOCATIONS, "keep_order": False,
              "score_norm": None}
   choices = {"score_norm": (None,) + SCORE_NORMS}
+  macs = classmethod(selection_macs)
 
   @classmethod
   def plan(cls, options, layout: Layout) -> Plan:
@@ -41,12 +43,6 @@ class TopK(Reducer):
                            score_norm=score_norm_at(layout, loc, opts["score_norm"]))
         n = keep
     return Plan(at_blocks(layout.depth, blocks))
-
-  @classmethod
-  def macs(cls, n: int, width: int, **kwargs) -> int:
-    """Pure selection: no multiply-accumulates of its own."""
-    del n, width, kwargs
-    return 0
 
   def __call__(self, x, state, aux, *, deterministic=True):
     scores = cls_scores(aux, self.num_prefix, self.score_norm)
