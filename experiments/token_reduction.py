@@ -21,8 +21,9 @@ Keep rates follow the cumulative definition (tokens after stage s: floor(N0 kr^s
 blocks (3, 6, 9 of 12; 1, 2, 3 of 4), except EViT (its own relative definition, with the fused
 token) and ToMe / MCTF on DeiT-S, which run at r = 8 / 13 / 16 per block in the rows of keep rate
 0.9 / 0.7 / 0.5 (the ToMe README's DeiT-S settings). Outputs (in --out_dir): token_reduction.json
-(merged with an earlier file, so speed and accuracy may run separately), token_reduction.md, a
-Pareto plot and the EViT stage visualisation.
+(merged with an earlier file, so speed and accuracy may run separately, and a rerun of some
+methods replaces their rows of a study with the same budget), token_reduction.md, a Pareto plot
+and the EViT stage visualisation.
 """
 import argparse
 import importlib.util
@@ -424,8 +425,21 @@ def merge_results(path: str, new: dict) -> dict:
   if speed:
     out["speed"] = speed
   if "accuracy" in new:
-    out["accuracy"] = new["accuracy"]
+    out["accuracy"] = merge_accuracy(old.get("accuracy"), new["accuracy"])
   return out
+
+
+def merge_accuracy(old, new: dict) -> dict:
+  """A rerun of some methods replaces their rows in an earlier study of the same budget; every
+  row keeps the baseline top-1 of the run that produced it."""
+  for row in new["rows"]:
+    row.setdefault("baseline_top1", new["baseline"]["top1"])
+  if not old or old.get("config") != new["config"]:
+    return new
+  fresh = {(r["method"], r["keep_rate"]) for r in new["rows"]}
+  kept = [dict(r, baseline_top1=r.get("baseline_top1", old["baseline"]["top1"]))
+          for r in old["rows"] if (r["method"], r["keep_rate"]) not in fresh]
+  return dict(new, rows=kept + new["rows"])
 
 
 def fmt(v, spec=".2f", none="-"):
@@ -467,6 +481,8 @@ def accuracy_markdown(acc: dict) -> str:
       lines.append(f"| `{r['method']}` | {r['setting']} | error: {r['error'][:90]} | | | | | |")
       continue
     note = " (no-op)" if r.get("noop") else ""
+    if r.get("baseline_top1", acc["baseline"]["top1"]) != acc["baseline"]["top1"]:
+      note += f" (its run's baseline {r['baseline_top1']:.4f})"
     lines.append(f"| `{r['method']}` | {r['setting']}{note} | {r['tokens']} | "
                  f"{r['mac_ratio']:.2f}x | {r['new_params']:,} | {fmt(r['off_the_shelf'], '.4f')} | "
                  f"{r['finetuned']:.4f} | {r['delta_vs_control'] * 100:+.1f} pt |")
