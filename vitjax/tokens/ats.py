@@ -33,7 +33,9 @@ DROP_TOKENS=True (the DeiT-S config) trims each batch to its largest pick count,
 Slots left over carry `valid=False` (official: zero tokens of policy 0) and every later attention
 masks them as keys (the stage passes `state.valid` to the attention context). Without a cap the
 slots stay all N tokens. Order: official, picks in ascending significance; haurum, token order.
-`mode="mask"` keeps all N tokens and marks the unpicked ones invalid (same picks, full compute).
+`mode="mask"` keeps all N tokens and marks the unpicked ones invalid (full compute): the same
+picks, except in the official form after a capped stage, whose padding the min-max normalisation
+then sees as N - K zero slots instead of the gathered ones.
 """
 import jax
 import jax.numpy as jnp
