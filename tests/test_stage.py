@@ -105,3 +105,23 @@ def test_warmup_without_a_schedule_is_none():
 def test_model_with_tokens_updates_the_reducer_options():
   model = tiny(dict(name="evit", keep_rate=0.5, locations=(1,)), class_token=True)
   assert model.with_tokens({"keep_rate": 1.0}).stage().plan().blocks == (None,) * 4
+
+
+def test_reducer_constraint_is_chained_after_the_optimizer():
+  """Sinkhorn's centres stay on unit rows through the trainer's optimizer (as the benchmark's
+  in-place renormalisation keeps them); a model without a constraint adds no step."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from vitjax.train import recipe  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict(dict(optimizer=dict()))
+  assert tiny(None).after_update() is None
+  model = tiny(dict(name="sinkhorn", keep_rate=0.5, locations=(2,)))
+  tx = recipe.wrap_optimizer(optax.adamw(0.1), config, model)
+  params = model.init(jax.random.key(1), IMAGES)["params"]
+  state = tx.init(params)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, state, params)
+  new = optax.apply_updates(params, updates)
+  norms = np.linalg.norm(np.asarray(new["reduce_2"]["centers"]), axis=-1)
+  np.testing.assert_allclose(norms, 1.0, rtol=1e-6)
+  assert not np.allclose(new["reduce_2"]["centers"], params["reduce_2"]["centers"])

@@ -163,6 +163,10 @@ class Stage(nn.Module):
     cls, options = self.reducer()
     return cls.warmup(options, self.layout(), steps_per_epoch=steps_per_epoch)
 
+  def after_update(self):
+    """The reducer's constraint on its parameters after each optimizer update (or None)."""
+    return self.reducer()[0].after_update()
+
   def block_plans(self) -> list:
     """Per block: the reducer there and the aux signals the block's attention must return."""
     cls, _ = self.reducer()

@@ -180,6 +180,10 @@ class ViT(nn.Module):
     """The reducer's training-time schedule (tokens.schedule.Warmup), or None."""
     return self.stage().warmup(steps_per_epoch)
 
+  def after_update(self):
+    """An optax step to chain after the optimizer (a reducer's parameter constraint), or None."""
+    return self.stage().after_update()
+
   def with_tokens(self, overrides: Mapping):
     """This model with its reducer options updated (e.g. a warm-up piece's keep rate)."""
     spec = _as_dict(self.tokens)

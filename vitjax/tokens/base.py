@@ -144,6 +144,12 @@ class Reducer(nn.Module):
     del options, layout, steps_per_epoch
     return None
 
+  @classmethod
+  def after_update(cls):
+    """An optax transformation chained after the optimizer that keeps a constraint of the
+    method on its parameters (Sinkhorn's unit centres), or None."""
+    return None
+
   def __call__(self, x, state: TokenState, aux: dict, *, deterministic: bool = True):
     raise NotImplementedError
 

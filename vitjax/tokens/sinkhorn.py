@@ -71,6 +71,10 @@ class Sinkhorn(Reducer):
     del kwargs
     return 2 * count * (n - num_prefix) * width
 
+  @classmethod
+  def after_update(cls):
+    return keep_centers_normalized()
+
   @nn.compact
   def __call__(self, x, state, aux, *, deterministic=True):
     p, d = self.num_prefix, x.shape[-1]

@@ -169,13 +169,16 @@ def scale_by_layer(decay: float, depth: int) -> optax.GradientTransformation:
 
 
 def wrap_optimizer(tx, config, model):
-  """tx, then layer-wise lr decay (config.optimizer.layer_decay), then EMA (config.ema)."""
+  """tx, then layer-wise lr decay (config.optimizer.layer_decay), then the model's constraint on
+  its parameters (a reducer's, e.g. Sinkhorn's unit centres), then EMA (config.ema)."""
   parts = [tx]
   decay = config.optimizer.get("layer_decay")
   if decay is not None:
     if not 0.0 < decay <= 1.0:
       raise ValueError(f"optimizer.layer_decay must be in (0, 1], got {decay}")
     parts.append(scale_by_layer(float(decay), model.depth))
+  if model.after_update() is not None:
+    parts.append(model.after_update())
   if ema_decay(config) is not None:
     parts.append(ema(ema_decay(config)))
   return tx if len(parts) == 1 else optax.chain(*parts)
