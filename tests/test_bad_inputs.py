@@ -25,8 +25,10 @@ def smoke(data_dir, **overrides):
 
 
 def fingerprint(workdir) -> str:
-  """Names and contents of every file under checkpoints/."""
+  """Names and contents of every file under checkpoints/, and the run's config.json."""
   h = hashlib.sha256()
+  with open(os.path.join(workdir, "config.json"), "rb") as f:
+    h.update(f.read())
   root = os.path.join(workdir, "checkpoints")
   for dirpath, dirnames, files in sorted(os.walk(root)):
     dirnames.sort()

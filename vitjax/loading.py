@@ -101,8 +101,10 @@ def locate(path, step: Optional[int] = None) -> tuple:
 def save_config(workdir: str, config):
   """Writes `config` as the workdir's config.json, which `load(workdir)` reads without config=."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path + ".tmp", "w") as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+  os.replace(path + ".tmp", path)  # atomic: a reader never sees half a file
 
 
 def read_config(workdir: str, config=None):

@@ -228,8 +228,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
   validate.train_config(config)
   config_lib.validate(config)
   ckpt_lib.check_writable(workdir)
-  if jax.process_index() == 0 and "://" not in workdir:  # `vitjax.load(workdir)` rebuilds from it
-    loading.save_config(workdir, config)
   mesh = mesh_lib.make_mesh(config.mesh)
   check_batch(config, mesh)
   info = data.get_info(config.data)
@@ -266,6 +264,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                keep_every=config.get("keep_checkpoint_every_steps"),
                                async_save=config.get("async_checkpoints", True))
   state, start = ckpt.restore_latest(abstract, data_iter)
+  # Written once the workdir's checkpoints are known to fit this config, so that a failed resume
+  # with another model never replaces the config `vitjax.load(workdir)` rebuilds the run from.
+  if jax.process_index() == 0 and "://" not in workdir:
+    loading.save_config(workdir, config)
   if state is None:
     state = extras.init_params(init_state(), tx, state_shardings)  # config.init_from
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
