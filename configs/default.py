@@ -5,7 +5,8 @@ r"""The embedded default: a small ViT on scikit-learn's handwritten digits (no d
 Expected: about 98% test top-1 on the 360 held-out digits after 2000 steps of batch 128 (measured:
 97.8 / 97.8 / 98.1% with seeds 0 / 1 / 2), in about 4 minutes on a 2-core CPU.
 Args (after a colon, comma-separated): smoke=True (a few steps, for tests), steps=N,
-attention=NAME, tokens=NAME (a token reducer at blocks 1 and 2, with a [CLS] token), keep_rate=0.7.
+attention=NAME, tokens=NAME (a token reducer at blocks 1 and 2, block 1 with smoke, with a [CLS]
+token), keep_rate=0.7. Args combine in any order.
 """
 import ml_collections
 from ml_collections import config_dict
@@ -53,6 +54,8 @@ def get_config(arg=None):
 
   if arg.smoke:
     config.model.update(depth=2, width=64, num_heads=2, mlp_dim=128)
+    if arg.tokens != "none":  # the reducer after block 1 of 2
+      config.model.tokens.locations = (1,)
     config.total_steps = arg.steps or 6
     config.warmup_steps = 2
     config.log_every_steps = 2

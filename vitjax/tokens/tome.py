@@ -10,6 +10,8 @@ official code sorts them only with a class token (facebookresearch/ToMe, tome/me
 official `apply_patch` default; False switches it off) adds log(size) to the attention logits of
 every later block.
 """
+import logging
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,6 +28,10 @@ def parse_r(num_layers: int, r, inflect: float = 0.0) -> list:
 
   inflect -1 is the paper's "decreasing" schedule, from about 2r down to 0.
   """
+  values = list(r) if isinstance(r, (list, tuple)) else [r]
+  if any(not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0 for v in values):
+    raise ValueError(f"token reducer 'tome': r must be an int >= 0 (tokens merged per block) or a "
+                     f"list of them, got {r!r}")
   if isinstance(r, (list, tuple)):
     r = [int(v) for v in r]
     if len(r) > num_layers:
@@ -55,6 +61,26 @@ def haurum_rs(keep_rate, locations, num_patches: int) -> list:
   targets = [int(r * num_patches) for r in ratios]
   prev = [num_patches] + targets[:-1]
   return [p - t for p, t in zip(prev, targets)]
+
+
+_WARNED = set()
+
+
+def _adjusted(opts, asked, merged, num_patches: int):
+  """ToMe merges at most half the tokens of a block (the official code clamps r the same way):
+  a keep-rate target that needs more is an error; an r that asks for more is merged as far as
+  it goes, with a warning that says what was used."""
+  block = next(i for i, (a, m) in enumerate(zip(asked, merged)) if a != m)
+  if opts["keep_rate"] is not None:
+    raise ValueError(f"token reducer 'tome': keep_rate {opts['keep_rate']} asks to merge "
+                     f"{asked[block]} tokens at block {block}, but ToMe merges at most half of a "
+                     f"block's tokens ({merged[block]} there, of {num_patches} patches): use a "
+                     "keep_rate of at least 0.5 per location")
+  msg = (f"token reducer 'tome': r={opts['r']} asks for more merges than the tokens allow (at "
+         f"most half of a block's tokens); merging r={tuple(merged)} per block instead")
+  if msg not in _WARNED:
+    _WARNED.add(msg)
+    logging.warning(msg)
 
 
 def output_order(num_unm: int, num_b: int, num_prefix: int) -> np.ndarray:
@@ -113,7 +139,10 @@ class ToMe(Reducer):
         raise ValueError("token reducer 'tome': locations goes with keep_rate; with r, ToMe "
                          "merges in every block")
       rs = parse_r(depth, opts["r"] or 0, float(opts["inflect"]))
-    rs = merge_counts(rs, layout.num_prefix + num_patches, layout.num_prefix)
+    merged = merge_counts(rs, layout.num_prefix + num_patches, layout.num_prefix)
+    if merged != list(rs):
+      _adjusted(opts, rs, merged, num_patches)
+    rs = merged
     return Plan(tuple(dict(r=r, metric=opts["metric"]) if r > 0 else None for r in rs),
                 prop_attn=bool(opts["prop_attn"]))
 

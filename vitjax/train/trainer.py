@@ -218,8 +218,14 @@ def evaluate(eval_step, params, config, batch_sharding, batch_stats=None) -> dic
 
 
 # ------------------------------------------------------------------ the loop
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`; rerunning the same command resumes from the last checkpoint."""
+def train_and_evaluate(config, workdir: str, *, start_over: bool = False,
+                       allow_model_change: bool = False) -> dict:
+  """Trains `config` in `workdir`; rerunning the same command resumes from the last checkpoint.
+
+  A workdir whose every checkpoint is damaged stops the run unless `start_over` (the damaged steps
+  are then moved aside and training starts at step 0). A checkpoint of another model config stops
+  it unless `allow_model_change` (fine-tuning; the parameter shapes must still fit).
+  """
   # pylint: disable=import-outside-toplevel  (tfds, grain, orbax, tensorboard are heavy)
   from vitjax import data, loading
   from vitjax.train import checkpoint as ckpt_lib
@@ -233,6 +239,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   info = data.get_info(config.data)
   model = build_model(config, info)
   steps = durations(config, info.num_examples[config.data.train_split])
+  validate.schedule(steps)
   tx, lr_fn = optim.make_optimizer(config.optimizer, steps["total"], steps["warmup"])
   tx = recipe.wrap_optimizer(tx, config, model)  # + layer-wise lr decay, EMA (when configured)
 
@@ -262,8 +269,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   data_iter = iter(extras.train_loader(data))  # repeated augmentation when configured
   ckpt = ckpt_lib.Checkpointer(workdir, keep=config.get("keep_checkpoints", 3),
                                keep_every=config.get("keep_checkpoint_every_steps"),
-                               async_save=config.get("async_checkpoints", True))
-  state, start = ckpt.restore_latest(abstract, data_iter)
+                               async_save=config.get("async_checkpoints", True),
+                               run=ckpt_lib.run_fields(config),
+                               allow_model_change=allow_model_change)
+  state, start = ckpt.restore_latest(abstract, data_iter, start_over=start_over)
   # Written once the workdir's checkpoints are known to fit this config, so that a failed resume
   # with another model never replaces the config `vitjax.load(workdir)` rebuilds the run from.
   if jax.process_index() == 0 and "://" not in workdir:
@@ -289,6 +298,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         finite.add(step + 1, m)
         done = step + 1
         finite.check(upto=done - guard.LAG)  # reads flags of finished steps: no device sync
+        ckpt.poll()  # a failed background save stops the run here, not at the end
         stopped_by = stop_requests.poll(done)
         last = done == steps["total"]
         if done % steps["log"] == 0 or last or stopped_by:

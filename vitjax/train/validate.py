@@ -52,6 +52,7 @@ def train_config(config) -> None:
     raise TypeError(f"seed must be an int, got {config.get('seed')!r}")
   _optimizer(config.get("optimizer"))
   _mesh(config.get("mesh"), config.get("sharding", "dp"))
+  _model(config.get("model"))
   size = config.get("image_size")
   if size is not None and not (
       (_is_int(size) and size > 0)
@@ -88,5 +89,36 @@ def _mesh(axes, strategy) -> None:
   for name, size in pairs:
     if not isinstance(name, str) or not _is_int(size):
       raise ValueError(f"mesh axis ({name!r}, {size!r}) must be (str, int); {example}")
+  if not any(name in mesh_lib.BATCH_AXES for name, _ in pairs):
+    raise ValueError(f"mesh {tuple(pairs)} has no batch axis ({' or '.join(mesh_lib.BATCH_AXES)}): "
+                     "every device would compute the whole batch; add one, e.g. "
+                     "(('data', -1), ('model', 2)), or (('data', 1), ('model', -1)) to replicate "
+                     "the batch on purpose")
   if strategy not in mesh_lib.STRATEGIES:
     raise ValueError(f"unknown sharding strategy {strategy!r}; valid: {mesh_lib.STRATEGIES}")
+
+
+MODEL_POSITIVE_INTS = ("depth", "width", "num_heads", "mlp_dim", "patch_size")
+MODEL_RATES = ("drop_path", "dropout")  # a probability of dropping: 1.0 would drop everything
+
+
+def _model(model) -> None:
+  """Ranges of the ViT fields the config may override (the variant string gives the rest)."""
+  if model is None:
+    return
+  for key in MODEL_POSITIVE_INTS:
+    value = model.get(key)
+    if value is not None and (not _is_int(value) or value < 1):
+      raise ValueError(f"model.{key} must be a positive int, got {value!r}")
+  for key in MODEL_RATES:
+    value = model.get(key)
+    if value is not None and (not _is_number(value) or not 0 <= value < 1):
+      raise ValueError(f"model.{key} must be in [0, 1) (a drop probability), got {value!r}")
+
+
+def schedule(steps: dict) -> None:
+  """The step counts once epochs are converted (`trainer.durations`)."""
+  if steps["warmup"] > steps["total"]:
+    raise ValueError(f"the lr warm-up ({steps['warmup']} steps) is longer than the run "
+                     f"({steps['total']} steps): the lr would never reach optimizer.lr; set "
+                     f"warmup_steps (or warmup_epochs) to at most {steps['total']} steps")
