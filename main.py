@@ -21,6 +21,7 @@ Multi-host: `--distributed` on every host. TPU pods and SLURM/Open MPI clusters 
 `--process_id=1` in a second shell).
 """
 import importlib.util
+import logging as std_logging
 import os
 import sys
 import traceback
@@ -179,6 +180,10 @@ def main(argv):
   import jax
   from vitjax.train import checkpoint, guard, trainer
   logging.set_verbosity(logging.WARNING)  # orbax and grain are chatty at INFO
+  # A failed background save: orbax logs it from several threads with tracebacks; the run stops
+  # with one line that says what failed (checkpoint.CheckpointSaveError).
+  logging.get_absl_handler().addFilter(
+      lambda record: not (record.levelno >= std_logging.ERROR and "/orbax/" in record.pathname))
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value,
                                          start_over=_START_OVER.value,

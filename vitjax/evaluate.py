@@ -7,7 +7,9 @@ EViT and ToMe tables), printed as a markdown table and written as JSON.
 
 --checkpoint: one of our training workdirs (or its checkpoints/ folder; the latest step or --step,
 --ema for the EMA parameters; read by `vitjax.loading.restore`), or a timm (.safetensors/.pth) /
-big_vision (.npz) file. Without it the config's init_from is used. --keep_rates evaluates the
+big_vision (.npz) file. Without it the config's init_from is used. The rows go to --output, by
+default `evaluation.json` in the training workdir evaluated (beside a timm/big_vision file:
+`<file>.evaluation.json`); the last line printed says where. --keep_rates evaluates the
 same weights at several keep rates (one row each). Throughput: jit-compiled forward, warmed up,
 median of --runs timed runs on device-resident random inputs of --throughput_batch images (the
 input pipeline is not timed).
@@ -37,8 +39,16 @@ COLUMNS = (("model", "model"), ("tokens", "reducer"), ("keep_rate", "keep rate /
 # ------------------------------------------------------------------ parameters
 def restore_params(config, model, info, workdir: str, *, ema: bool = False, step=None):
   """(parameters or their EMA, step, running statistics) of a training workdir's checkpoint (the
-  latest unless `step` is given) for `model`."""
+  latest unless `step` is given) for `model`, after checking its files against their checksums."""
+  from vitjax.train import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   del config, info  # the checkpoint and the model are all a restore needs
+  where, step = loading.locate(workdir, step)
+  try:
+    ckpt_lib.verify(os.path.join(where, "checkpoints", str(step)))
+  except ckpt_lib.CorruptStepError as e:
+    raise loading.LoadError(f"the checkpoint in {where} at step {step} is damaged ({e}); "
+                            "evaluate another step (--step; saved: "
+                            f"{', '.join(map(str, loading.saved_steps(where)))})") from None
   variables, step = loading.restore(workdir, model, step=step, ema=ema)
   return variables["params"], step, variables.get("batch_stats", {})
 
@@ -169,20 +179,32 @@ def table(rows) -> str:
   return "\n".join(lines)
 
 
+def default_output(checkpoint: Optional[str]) -> str:
+  """Where the user looks: the training workdir evaluated, or beside a timm/big_vision file."""
+  if checkpoint and checkpoints.is_pretrained_file(checkpoint):
+    return f"{checkpoint}.evaluation.json"
+  try:
+    return os.path.join(loading.locate(checkpoint)[0], "evaluation.json")
+  except (loading.LoadError, TypeError):  # not a workdir: the error comes with the evaluation
+    return "evaluation.json"
+
+
 def main(argv):
   del argv
-  from absl import flags  # pylint: disable=import-outside-toplevel
+  from absl import flags, logging  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.WARNING)  # orbax is chatty at INFO (restore timings, metadata)
   f = flags.FLAGS
   rates = [None if r in ("", "none") else float(r) for r in f.keep_rates] or [None]
+  output = f.output or default_output(f.checkpoint or f.config.get("init_from"))
   try:
     rows = run(f.config, f.checkpoint, keep_rates=rates, ema=f.ema, step=f.step,
-               throughput_batch=f.throughput_batch, runs=f.runs, output=f.output)
+               throughput_batch=f.throughput_batch, runs=f.runs, output=output)
   except (loading.LoadError, checkpoints.CheckpointMismatch) as e:
     # Errors about what was given, not the code: the message is the whole story.
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)
   print(table(rows))
-  print(f"written to {f.output}")
+  print(f"written to {os.path.abspath(output)}")
 
 
 if __name__ == "__main__":
@@ -195,6 +217,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("step", None, "The training checkpoint's step (default the latest).")
   flags.DEFINE_integer("throughput_batch", None, "Batch for the throughput (default batch_size).")
   flags.DEFINE_integer("runs", 5, "Timed runs for the throughput (median).")
-  flags.DEFINE_string("output", "evaluation.json", "Where the JSON rows go.")
+  flags.DEFINE_string("output", None, "Where the JSON rows go (default: evaluation.json in the "
+                      "workdir evaluated, or <file>.evaluation.json beside a timm/big_vision file).")
   flags.mark_flags_as_required(["config"])
   app.run(main)

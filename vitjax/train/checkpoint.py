@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import time
 
 import grain.python as grain
@@ -218,6 +219,7 @@ class Checkpointer:
 
   def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
     self.wait()  # surfaces a failed earlier save before starting another
+    self.check_space(step, state)
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data"] = grain.PyGrainCheckpointSave(data_iter)
@@ -246,18 +248,45 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(step, e) from None
 
+  def check_space(self, step: int, state):
+    """A full disk found before the save starts: one line, nothing half written (a save that
+    runs out of space midway fails in orbax's background threads, which print tracebacks)."""
+    if "://" in self.directory:
+      return
+    steps = self.all_steps()
+    if steps:  # every step of a run has about the size of the last one
+      need = sum(os.path.getsize(os.path.join(self.directory, str(steps[-1]), f))
+                 for f in _files(os.path.join(self.directory, str(steps[-1]))))
+    else:  # the arrays, and some room for orbax's metadata
+      need = int(1.1 * sum(x.nbytes for x in jax.tree_util.tree_leaves(state)
+                           if hasattr(x, "nbytes"))) + (64 << 10)
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      raise CheckpointSaveError(
+          f"no space left to save the checkpoint of step {step} in {self.directory}: it needs "
+          f"about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; "
+          + self._intact(step) + ": free disk space (or lower keep_checkpoints), then run the "
+          "same command again to resume")
+
+  def _intact(self, step) -> str:
+    good = [s for s in self.all_steps() if s != step]
+    return (f"the steps saved before it ({', '.join(map(str, good))}) are intact" if good
+            else "no earlier checkpoint was written")
+
   def _save_error(self, step, e: Exception) -> CheckpointSaveError:
     cause = e
     while cause.__cause__ is not None or cause.__context__ is not None:  # the deepest: ENOSPC
       cause = cause.__cause__ or cause.__context__
-    first = (str(cause).splitlines() or [""])[0][:200]
-    good = [s for s in self.all_steps() if s != step]
+    code = re.search(r"os_error_code='?(\d+)", str(cause))  # tensorstore's form of an OSError
+    if code or isinstance(cause, OSError) and cause.errno:
+      errno = int(code.group(1)) if code else cause.errno
+      why = f"{os.strerror(errno)} (errno {errno})"
+    else:
+      why = f"{type(cause).__name__}: {(str(cause).splitlines() or [''])[0][:200]}"
     return CheckpointSaveError(
-        f"saving the checkpoint of step {step} in {self.directory} failed "
-        f"({type(cause).__name__}: {first}); "
-        + (f"the steps saved before it ({', '.join(map(str, good))}) are intact" if good
-           else "no earlier checkpoint was written")
-        + ": free disk space or fix the folder's permissions, then run the same command again")
+        f"saving the checkpoint of step {step} in {self.directory} failed: {why}; "
+        + self._intact(step) + ": free disk space or fix the folder's permissions, then run the "
+        "same command again to resume")
 
   # ---------------------------------------------------------------- restoring
   def restore(self, abstract_state, data_iter=None, step=None):
