@@ -8,6 +8,11 @@ Environment (all optional):
   VITJAX_TEST_HOLD_SAVE=N   hold the asynchronous save of step N just before orbax commits it
                             (its files written, the temporary directory not yet renamed), print
                             "HOLDING-SAVE N" and wait for a kill
+  VITJAX_TEST_HOLD_PRUNE=N  hold orbax's deletion of the old step N (pruned after a newer save
+                            is committed) with some of its files deleted, print
+                            "HOLDING-PRUNE N" and wait for a kill
+  VITJAX_TEST_HOLD_EVAL=N   hold the evaluation after step N midway (some eval batches done),
+                            print "HOLDING-EVAL N" and wait for a kill
   VITJAX_TEST_NAN_AT_STEP=N  the images of (1-based) step N become NaN inside the step, so
                             its loss and gradients are not finite
   VITJAX_TEST_SET='{"k": v}'  config fields set after the flags are parsed (keys the config file
@@ -60,6 +65,46 @@ def hold_save(n: int):
   atomicity.AtomicRenameTemporaryPath.finalize = held
 
 
+def hold_prune(n: int):
+  from orbax.checkpoint._src.path import deleter  # pylint: disable=import-outside-toplevel
+  delete = deleter.PathDeleter.delete
+
+  def held(self, path, **kwargs):
+    if path.name == str(n) and path.parent.name == "checkpoints":
+      files = sorted(glob.glob(os.path.join(str(path), "**", "*"), recursive=True))
+      for f in [f for f in files if os.path.isfile(f)][::2]:  # half of them already gone
+        os.remove(f)
+      print(f"HOLDING-PRUNE {n}", flush=True)
+      time.sleep(3600)
+    return delete(self, path, **kwargs)
+
+  deleter.PathDeleter.delete = held
+
+
+def hold_eval(n: int):
+  from vitjax import data  # pylint: disable=import-outside-toplevel
+  from vitjax.train import trainer  # pylint: disable=import-outside-toplevel
+  evaluate = trainer.evaluate
+  batches = data.make_eval_batches
+
+  def held(eval_step, params, config, *args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] * config.eval_every_steps != n:
+      return evaluate(eval_step, params, config, *args, **kwargs)
+
+    def halfway(*a, **k):
+      for i, batch in enumerate(batches(*a, **k)):
+        if i == 1:
+          print(f"HOLDING-EVAL {n}", flush=True)
+          time.sleep(3600)
+        yield batch
+    data.make_eval_batches = halfway
+    return evaluate(eval_step, params, config, *args, **kwargs)
+
+  calls = {"n": 0}
+  trainer.evaluate = held
+
+
 def nan_at_step(n: int):
   """Poisons step n from outside the trainer: its train step sees NaN images."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -82,10 +127,10 @@ def set_config(fields: dict):
   from vitjax.train import trainer  # pylint: disable=import-outside-toplevel
   train = trainer.train_and_evaluate
 
-  def patched(config, workdir_):
+  def patched(config, workdir_, **kwargs):
     with config.unlocked():
       config.update(fields)
-    return train(config, workdir_)
+    return train(config, workdir_, **kwargs)
 
   trainer.train_and_evaluate = patched
 
@@ -95,6 +140,10 @@ if __name__ == "__main__":
     hold_step(int(os.environ["VITJAX_TEST_HOLD_STEP"]))
   if os.environ.get("VITJAX_TEST_HOLD_SAVE"):
     hold_save(int(os.environ["VITJAX_TEST_HOLD_SAVE"]))
+  if os.environ.get("VITJAX_TEST_HOLD_PRUNE"):
+    hold_prune(int(os.environ["VITJAX_TEST_HOLD_PRUNE"]))
+  if os.environ.get("VITJAX_TEST_HOLD_EVAL"):
+    hold_eval(int(os.environ["VITJAX_TEST_HOLD_EVAL"]))
   if os.environ.get("VITJAX_TEST_NAN_AT_STEP"):
     nan_at_step(int(os.environ["VITJAX_TEST_NAN_AT_STEP"]))
   if os.environ.get("VITJAX_TEST_SET"):

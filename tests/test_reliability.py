@@ -9,6 +9,8 @@ was never interrupted. `tests/reliability_runner.py` holds main.py at those mome
 import glob
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -258,3 +260,286 @@ def test_damaged_newest_step_is_set_aside_and_the_previous_one_restored(tmp_path
   np.testing.assert_array_equal(restored["w"], state["w"])
   names = os.listdir(tmp_path / "checkpoints")
   assert "2" not in names and any(n.startswith("damaged-2-") for n in names)
+
+
+# ----------------------------------------------------------------- kills at other moments
+@pytest.mark.slow
+def test_kills_during_first_save_pruning_and_evaluation_then_resume_is_bit_identical(
+    reference, data_dir, tmp_path):
+  workdir = str(tmp_path / "faults")
+  keep2 = "--config.keep_checkpoints=2"  # the save of step 9 prunes step 3
+  # 1. kill -9 while the very first save (step 3) is in flight: nothing committed.
+  run = Run(workdir, data_dir, keep2, hold_save=3)
+  run.wait_for("HOLDING-SAVE 3")
+  run.kill9()
+  assert steps_on_disk(workdir) == []
+
+  # 2. kill -9 while orbax deletes step 3 (half its files gone), after step 9 was committed.
+  run = Run(workdir, data_dir, keep2, hold_prune=3)
+  run.wait_for("HOLDING-PRUNE 3")
+  run.kill9()
+  assert "resumed at step" not in run.output()  # step 3 never committed: started at step 0
+  assert steps_on_disk(workdir) == [3, 6, 9]
+
+  # 3. kill -9 in the middle of the evaluation after step 12 (before its save).
+  run = Run(workdir, data_dir, keep2, hold_eval=12)
+  run.wait_for("HOLDING-EVAL 12")
+  run.kill9()
+  assert "resumed at step 9" in run.output()
+  assert not os.path.exists(os.path.join(workdir, "summary.json"))
+
+  # 4. the same command finishes the run: the half-deleted step 3 is pruned again, never read.
+  run = Run(workdir, data_dir, keep2)
+  assert run.finish() == 0, run.output()[-3000:]
+  assert "resumed at step 9" in run.output() and "damaged" not in run.output()
+  assert steps_on_disk(workdir) == [9, 12]
+  assert_same_run(workdir, reference)
+
+
+def _unshare_tmpfs_works() -> bool:
+  try:
+    return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
+                          capture_output=True, timeout=30).returncode == 0
+  except (OSError, subprocess.SubprocessError):
+    return False
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_with_one_line_and_keeps_the_saved_steps(data_dir, tmp_path):
+  """A real full disk: a 1.5 MiB tmpfs (in a user and mount namespace) holds the first step
+  (about 1 MiB), not the second."""
+  if not _unshare_tmpfs_works():
+    pytest.skip("no user/mount namespaces here to mount a small tmpfs (unshare -rm)")
+  mnt, out = tmp_path / "disk", tmp_path / "copy"
+  mnt.mkdir()
+  cmd = [sys.executable, RUNNER, *FLAGS, f"--workdir={mnt}/run"]
+  script = (f"mount -t tmpfs -o size=1500k tmpfs {mnt} && {' '.join(map(repr, cmd))}; "
+            f"rc=$?; cp -r {mnt}/run {out}; exit $rc")
+  proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=env_for(data_dir),
+                        capture_output=True, text=True, timeout=300)
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert errors == [
+      f"error: no space left to save the checkpoint of step 6 in {mnt}/run/checkpoints: it needs "
+      f"about 1.0 MiB, 0.3 MiB are free; the steps saved before it (3) are intact: free disk "
+      "space (or lower keep_checkpoints), then run the same command again to resume"], proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert steps_on_disk(str(out)) == [3]
+  ckpt_lib.verify(str(out / "checkpoints" / "3"))  # every byte as saved
+
+
+def small_state(scale=1.0):
+  return {"w": np.arange(8.0, dtype=np.float32) * scale, "b": np.ones((2, 3), np.float32)}
+
+
+def small_abstract():
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                                small_state())
+
+
+def test_a_failed_background_save_is_reported_at_the_next_poll(tmp_path, monkeypatch):
+  """A save that fails in orbax's background thread (here ENOSPC while sealing the step, its
+  last file) is reported by the next poll (the loop polls once per step), once, in one line."""
+  import errno  # pylint: disable=import-outside-toplevel
+  seal = ckpt_lib.write_manifest
+
+  def full(step_dir, run=None):
+    if os.path.basename(step_dir).startswith("2."):
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return seal(step_dir, run)
+
+  monkeypatch.setattr(ckpt_lib, "write_manifest", full)
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path), keep=5)
+  ckpt.save(1, small_state(), force=True)
+  ckpt.save(2, small_state(2.0), force=True)
+  deadline = time.time() + 60
+  with pytest.raises(ckpt_lib.CheckpointSaveError) as e:
+    while time.time() < deadline:
+      ckpt.poll()
+      time.sleep(0.01)
+  assert str(e.value) == (
+      f"saving the checkpoint of step 2 in {tmp_path}/checkpoints failed: No space left on "
+      "device (errno 28); the steps saved before it (1) are intact: free disk space or fix the "
+      "folder's permissions, then run the same command again to resume")
+  ckpt.close()  # reported once: closing does not raise it again
+  assert steps_on_disk(str(tmp_path)) == [1]
+  ckpt_lib.verify(str(tmp_path / "checkpoints" / "1"))
+
+
+# ----------------------------------------------------------------- damaged checkpoint files
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+  """A run of 4 steps with checkpoints at steps 2 and 4, and what restoring it needs."""
+  from vitjax import data  # pylint: disable=import-outside-toplevel
+  from vitjax.train import mesh as mesh_lib, optim  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp("damage") / "run")
+  config = smoke(data_dir, total_steps=4, checkpoint_every_steps=2, eval_every_steps=4,
+                 batch_size=16)
+  summary = trainer.train_and_evaluate(config, workdir)
+  info = data.get_info(config.data)
+  model = trainer.build_model(config, info)
+  tx, _ = optim.make_optimizer(config.optimizer, 4, config.warmup_steps)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  abstract, _, _ = trainer.state_spec(model, tx, config, mesh, info.image_shape)
+  return dict(workdir=workdir, config=config, summary=summary, abstract=abstract,
+              params={s: params_at(workdir, s) for s in (2, 4)})
+
+
+def file_kinds(step_dir) -> dict:
+  """One file of each kind in a step: orbax's metadata, the OCDBT manifests and data files of
+  the arrays, the data-iterator position, the commit markers and the checksum manifest."""
+  kinds = {}
+  for rel in sorted(ckpt_lib._files(step_dir)) + [ckpt_lib.MANIFEST, "_CHECKPOINT_METADATA"]:
+    kind = re.sub(r"/[0-9a-f]{32}$", "/<data file>", rel)
+    if kind.endswith("<data file>"):  # the largest of the array data files
+      rel = max((r for r in ckpt_lib._files(step_dir) if os.path.dirname(r) ==
+                 os.path.dirname(rel)), key=lambda r: os.path.getsize(os.path.join(step_dir, r)))
+    kinds.setdefault(kind, rel)
+  return kinds
+
+
+def damage(path, how):
+  if how == "delete":
+    os.remove(path)
+  elif how == "truncate":
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  else:  # one flipped bit in the middle
+    with open(path, "r+b") as f:
+      f.seek(os.path.getsize(path) // 2)
+      byte = f.read(1)
+      f.seek(-1, 1)
+      f.write(bytes([byte[0] ^ 0x10]))
+
+
+def restore(workdir, trained, **kwargs):
+  ckpt = ckpt_lib.Checkpointer(workdir, run=ckpt_lib.run_fields(trained["config"]))
+  try:
+    state, step = ckpt.restore_latest(trained["abstract"], **kwargs)
+  finally:
+    ckpt.close()
+  return (None if state is None else jax.tree_util.tree_leaves(jax.device_get(state.params))), step
+
+
+KINDS = ["_CHECKPOINT_METADATA", "commit_success.txt", "data/commit_success.txt",
+         "data/process_0-of-1.json", "manifest.json", "state/_METADATA", "state/_sharding",
+         "state/array_metadatas/process_0", "state/commit_success.txt", "state/d/<data file>",
+         "state/manifest.ocdbt", "state/ocdbt.process_0/d/<data file>",
+         "state/ocdbt.process_0/manifest.ocdbt"]
+
+
+def test_every_kind_of_checkpoint_file_is_listed(trained):
+  assert sorted(file_kinds(os.path.join(trained["workdir"], "checkpoints", "4"))) == KINDS
+
+
+# The reason verify() gives, or None for the files the checksums do not cover.
+def expected_reason(rel, how):
+  if rel in ("_CHECKPOINT_METADATA", "commit_success.txt"):  # rewritten / written after sealing
+    return None
+  if rel == ckpt_lib.MANIFEST:  # deleted: the step's orbax metadata says it had one (restore)
+    return None if how == "delete" else "its manifest.json is unreadable"
+  return {"flip": f"{rel} does not match its checksum (its content changed after the save)",
+          "truncate": f"{rel} has {{half}} bytes, {{size}} when saved",
+          "delete": f"{rel} is missing"}[how]
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate", "delete"])
+def test_a_damaged_file_of_any_kind_is_detected(trained, tmp_path, how):
+  """Every kind of file of a step, damaged one at a time, against the step's checksums."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained["workdir"], workdir)
+  step_dir = os.path.join(workdir, "checkpoints", "4")
+  for kind, rel in file_kinds(step_dir).items():
+    path = os.path.join(step_dir, rel)
+    keep = open(path, "rb").read()
+    damage(path, how)
+    want = expected_reason(rel, how)
+    if want is None:
+      ckpt_lib.verify(step_dir)
+    else:
+      with pytest.raises(ckpt_lib.CorruptStepError) as e:
+        ckpt_lib.verify(step_dir)
+      assert str(e.value) == want.format(half=len(keep) // 2, size=len(keep)), kind
+    with open(path, "wb") as f:  # undamaged again for the next kind
+      f.write(keep)
+    ckpt_lib.verify(step_dir)
+
+
+@pytest.mark.parametrize("kind,how", [("state/ocdbt.process_0/d/<data file>", "flip"),
+                                      ("data/process_0-of-1.json", "truncate"),
+                                      ("manifest.json", "delete"),
+                                      ("_CHECKPOINT_METADATA", "flip"),
+                                      ("commit_success.txt", "delete")])
+def test_a_damaged_newest_step_is_set_aside_and_the_previous_one_restored(trained, tmp_path,
+                                                                          kind, how):
+  """The restore never returns other numbers than the ones saved: a damaged step is set aside
+  and the previous one restored; orbax's own step metadata (timestamps, rewritten at commit) and
+  its final commit marker are not covered: damaged, the step still restores exactly, or is set
+  aside by orbax's own parse."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained["workdir"], workdir)
+  step_dir = os.path.join(workdir, "checkpoints", "4")
+  damage(os.path.join(step_dir, file_kinds(step_dir)[kind]), how)
+  params, step = restore(workdir, trained)
+  names = os.listdir(os.path.join(workdir, "checkpoints"))
+  if expected_reason(kind, how) is None and step == 4:
+    assert "4" in names
+  else:
+    assert step == 2
+    assert "4" not in names and any(n.startswith("damaged-4-") for n in names)
+  for a, b in zip(params, trained["params"][step]):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_every_step_damaged_stops_unless_told_to_start_over(trained, tmp_path):
+  workdir = str(tmp_path / "all")
+  shutil.copytree(trained["workdir"], workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  for step in (2, 4):
+    damage(os.path.join(ckpt_dir, str(step), file_kinds(os.path.join(ckpt_dir, str(step)))[
+        "state/ocdbt.process_0/d/<data file>"]), "flip")
+  before = sorted(os.listdir(ckpt_dir))
+  with pytest.raises(ckpt_lib.CheckpointDamagedError) as e:
+    restore(workdir, trained)
+  msg = str(e.value)
+  assert msg.startswith(f"every checkpoint in {ckpt_dir} is damaged (step 4: state/ocdbt.process_0/"
+                        "d/") and "; step 2: state/ocdbt.process_0/d/" in msg
+  assert msg.endswith("does not match its checksum (its content changed after the save)); "
+                      "nothing was moved or deleted: restore the folder from a copy, or pass "
+                      "--start_over to set them aside (as damaged-<step>-<time>) and train from "
+                      "step 0")
+  assert sorted(os.listdir(ckpt_dir)) == before
+  assert restore(workdir, trained, start_over=True) == (None, 0)
+  assert sorted(n.split("-")[1] for n in os.listdir(ckpt_dir)) == ["2", "4"]  # set aside
+
+
+def test_a_flipped_bit_in_the_newest_step_is_trained_again_from_the_previous(trained, data_dir,
+                                                                              tmp_path):
+  """What a user sees: the rerun falls back to step 2 and ends exactly as the undamaged run."""
+  workdir = str(tmp_path / "flip")
+  shutil.copytree(trained["workdir"], workdir)
+  step_dir = os.path.join(workdir, "checkpoints", "4")
+  damage(os.path.join(step_dir, file_kinds(step_dir)["state/ocdbt.process_0/d/<data file>"]),
+         "flip")
+  os.remove(os.path.join(workdir, "summary.json"))
+  summary = trainer.train_and_evaluate(trained["config"], workdir)
+  assert summary["final_step"] == 4
+  assert summary["eval_loss"] == trained["summary"]["eval_loss"]  # exact
+  for a, b in zip(params_at(workdir, 4), trained["params"][4]):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_step_saved_without_checksums_restores_with_a_warning(tmp_path, caplog):
+  mngr = ocp.CheckpointManager(str(tmp_path / "checkpoints"),
+                               item_handlers={"state": ocp.StandardCheckpointHandler()})
+  mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(small_state(3.0))))
+  mngr.close()  # as checkpoints were written before they carried checksums
+  ckpt = ckpt_lib.Checkpointer(str(tmp_path))
+  ckpt.check_compatible = lambda step, abstract: None  # a plain dict, not a TrainState
+  restored, step = ckpt.restore_latest(small_abstract())
+  ckpt.close()
+  assert step == 3
+  np.testing.assert_array_equal(restored["w"], small_state(3.0)["w"])
+  assert "has no manifest.json (saved by an earlier version): restored without checking" in (
+      caplog.text)

@@ -35,6 +35,7 @@ TMP_MARKER = ".orbax-checkpoint-tmp"
 MANIFEST = "manifest.json"
 # orbax rewrites the step's own metadata (its commit timestamp) after the rename: not checksummed.
 UNSEALED = ("_CHECKPOINT_METADATA",)
+SEALED_KEY = "vitjax_manifest"
 CHUNK = 1 << 20
 
 
@@ -182,6 +183,7 @@ class Checkpointer:
     self.run, self.allow_model_change, self.async_save = run, allow_model_change, async_save
     self._saving = None  # the step whose save may still be in flight (until waited for)
     self._sealing = None  # the step of the save orbax runs `_seal` for
+    self._failed = False
     self.interrupted = self._report_interrupted_saves()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, keep_period=keep_every, create=True,
@@ -224,8 +226,9 @@ class Checkpointer:
     if data_iter is not None:
       items["data"] = grain.PyGrainCheckpointSave(data_iter)
     self._saving = self._sealing = step
-    try:
-      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    try:  # the step's orbax metadata records that it has a manifest: deleting it is damage too
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force,
+                                custom_metadata={SEALED_KEY: True})
     except Exception as e:  # pylint: disable=broad-except  (tensorstore raises many types)
       raise self._save_error(step, e) from None
     if not saved:
@@ -246,6 +249,9 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
+      if self._failed:  # reported once already (orbax raises it again at every wait)
+        return
+      self._failed = True
       raise self._save_error(step, e) from None
 
   def check_space(self, step: int, state):
@@ -294,6 +300,8 @@ class Checkpointer:
     after checking its files against their checksums."""
     step = self.latest_step() if step is None else step
     manifest = verify(os.path.join(self.directory, str(step)))
+    if manifest is None and self._sealed(step):
+      raise CorruptStepError(f"its {MANIFEST} is missing (the step was saved with one)")
     self.check_compatible(step, abstract_state)
     self.check_run(step, manifest)
     if data_iter is not None:
@@ -306,6 +314,12 @@ class Checkpointer:
       warn(f"checkpoint step {step} in {self.directory} has no {MANIFEST} (saved by an earlier "
            "version): restored without checking its checksums")
     return restored["state"], step
+
+  def _sealed(self, step: int) -> bool:
+    try:
+      return bool((self.manager.metadata(step).custom_metadata or {}).get(SEALED_KEY))
+    except Exception:  # pylint: disable=broad-except  (unreadable metadata: judged by restoring)
+      return False
 
   def restore_latest(self, abstract_state, data_iter=None, *, start_over: bool = False):
     """The newest step that restores, falling back past damaged ones; (None, 0) without any.
