@@ -194,7 +194,7 @@ def main(argv):
     if flags.FLAGS.traceback or show_traceback():
       traceback.print_exc()
     msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    fail((msg.splitlines() or [type(e).__name__])[0])
+    fail(" ".join(line.strip() for line in msg.splitlines()) or type(e).__name__)
   if jax.process_index() == 0:
     print({k: v for k, v in summary.items() if v is not None}, flush=True)
   if summary.get("stopped_by"):
