@@ -545,3 +545,41 @@ def test_a_step_saved_without_checksums_restores_with_a_warning(tmp_path, caplog
   np.testing.assert_array_equal(restored["w"], small_state(3.0)["w"])
   assert "has no manifest.json (saved by an earlier version): restored without checking" in (
       caplog.text)
+
+
+# ----------------------------------------------------------------- evaluation
+@pytest.mark.slow
+def test_evaluate_is_quiet_and_writes_beside_the_checkpoint(trained, data_dir, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained["workdir"], workdir)
+  elsewhere = tmp_path / "cwd"
+  elsewhere.mkdir()
+  env = env_for(data_dir, **{})
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run(
+      [sys.executable, "-m", "vitjax.evaluate", f"--config={ROOT}/configs/default.py:smoke=True",
+       f"--config.data.data_dir={data_dir}", f"--checkpoint={workdir}", "--runs=1"],
+      cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  lines = proc.stdout.splitlines()
+  assert len(lines) == 4 and lines[0].startswith("| model | reducer |"), proc.stdout
+  assert lines[-1] == f"written to {workdir}/evaluation.json"
+  assert not [line for line in proc.stderr.splitlines() if "orbax" in line or line[:1] == "I"], (
+      proc.stderr)
+  with open(os.path.join(workdir, "evaluation.json")) as f:
+    assert json.load(f)[0]["top1"] == pytest.approx(100 * trained["summary"]["eval_top1"])
+  assert not os.listdir(elsewhere)
+
+
+def test_evaluate_refuses_a_damaged_step(trained, tmp_path):
+  from vitjax import evaluate, loading  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path / "run")
+  shutil.copytree(trained["workdir"], workdir)
+  step_dir = os.path.join(workdir, "checkpoints", "4")
+  rel = file_kinds(step_dir)["state/ocdbt.process_0/d/<data file>"]
+  damage(os.path.join(step_dir, rel), "flip")
+  with pytest.raises(loading.LoadError) as e:
+    evaluate.run(trained["config"], workdir, runs=1)
+  assert str(e.value) == (
+      f"the checkpoint in {workdir} at step 4 is damaged ({rel} does not match its checksum (its "
+      "content changed after the save)); evaluate another step (--step; saved: 2, 4)")
