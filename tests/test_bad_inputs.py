@@ -134,8 +134,10 @@ CASES = [
      'the checkpoint at step 2 in {ckpt} has the same parameters but a different optimizer state (another optimizer or its options?). Use a new --workdir, or the optimizer config that wrote this checkpoint'),
     ('tome r negative', {'model.tokens': {'name': 'tome', 'r': -5}}, ValueError,
      "token reducer 'tome': r must be an int >= 0 (tokens merged per block) or a list of them, got -5"),
-    ('tome keep rate leaves no token', {'model.class_token': True, 'model.tokens': {'name': 'tome', 'keep_rate': 0.01, 'locations': (1,)}}, ValueError,
-     "token reducer 'tome': keep_rate 0.01 asks to merge 16 tokens at block 1, but ToMe merges at most half of a block's tokens (8 there, of 16 patches): use a keep_rate of at least 0.5 per location"),
+    ('tome keep rate leaves no token', {'model.class_token': True, 'model.tokens': {
+        'name': 'tome', 'keep_rate': 0.01, 'locations': (1,)}}, ValueError,
+     "token reducer 'tome': keep_rate 0.01 leaves no token at a location (counts [0] of 16 "
+     "patches): use a larger keep_rate"),
     ('drop path 2.0', {'model.drop_path': 2.0}, ValueError,
      'model.drop_path must be in [0, 1) (a drop probability), got 2.0'),
     ('dropout 1.0', {'model.dropout': 1.0}, ValueError,

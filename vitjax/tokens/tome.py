@@ -59,6 +59,9 @@ def haurum_rs(keep_rate, locations, num_patches: int) -> list:
   ratios = kr if isinstance(keep_rate, (list, tuple)) else [kr[0] ** (s + 1) for s in
                                                             range(len(kr))]
   targets = [int(r * num_patches) for r in ratios]
+  if min(targets) < 1:
+    raise ValueError(f"token reducer 'tome': keep_rate {keep_rate} leaves no token at a location "
+                     f"(counts {targets} of {num_patches} patches): use a larger keep_rate")
   prev = [num_patches] + targets[:-1]
   return [p - t for p, t in zip(prev, targets)]
 
@@ -66,18 +69,13 @@ def haurum_rs(keep_rate, locations, num_patches: int) -> list:
 _WARNED = set()
 
 
-def _adjusted(opts, asked, merged, num_patches: int):
-  """ToMe merges at most half the tokens of a block (the official code clamps r the same way):
-  a keep-rate target that needs more is an error; an r that asks for more is merged as far as
-  it goes, with a warning that says what was used."""
-  block = next(i for i, (a, m) in enumerate(zip(asked, merged)) if a != m)
-  if opts["keep_rate"] is not None:
-    raise ValueError(f"token reducer 'tome': keep_rate {opts['keep_rate']} asks to merge "
-                     f"{asked[block]} tokens at block {block}, but ToMe merges at most half of a "
-                     f"block's tokens ({merged[block]} there, of {num_patches} patches): use a "
-                     "keep_rate of at least 0.5 per location")
-  msg = (f"token reducer 'tome': r={opts['r']} asks for more merges than the tokens allow (at "
-         f"most half of a block's tokens); merging r={tuple(merged)} per block instead")
+def _adjusted(opts, merged):
+  """ToMe merges at most half the tokens of a block (the official code clamps r the same way, and
+  the keep-rate variant caps a stage so): merged as far as it goes, with a warning that says
+  what was used."""
+  asked = f"r={opts['r']}" if opts["keep_rate"] is None else f"keep_rate={opts['keep_rate']}"
+  msg = (f"token reducer 'tome': {asked} asks for more merges than the tokens allow (at most "
+         f"half of a block's tokens); merging r={tuple(merged)} per block instead")
   if msg not in _WARNED:
     _WARNED.add(msg)
     logging.warning(msg)
@@ -141,7 +139,7 @@ class ToMe(Reducer):
       rs = parse_r(depth, opts["r"] or 0, float(opts["inflect"]))
     merged = merge_counts(rs, layout.num_prefix + num_patches, layout.num_prefix)
     if merged != list(rs):
-      _adjusted(opts, rs, merged, num_patches)
+      _adjusted(opts, merged)
     rs = merged
     return Plan(tuple(dict(r=r, metric=opts["metric"]) if r > 0 else None for r in rs),
                 prop_attn=bool(opts["prop_attn"]))
