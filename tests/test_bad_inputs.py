@@ -77,17 +77,28 @@ CASES = [
     ('malformed variant', {'model.variant': 'Ti2'}, ValueError,
      "variant must look like 'S/16' (name/patch), got 'Ti2'; valid names: Ti, S, M, B, L, H"),
     ('unknown dataset', {'data.name': 'no_such_dataset'}, ValueError,
-     "Unknown dataset 'no_such_dataset': tensorflow-datasets has no builder of that name (see https://www.tensorflow.org/datasets/catalog). vitjax reads tfds datasets in array_record format and never downloads at run time. Prepare it once on a machine with TensorFlow and network access:\n  tfds build <name> --file_format=array_record --data_dir={data_dir}\nand copy the resulting folder into data_dir here (ImageNet first needs its archives in --manual_dir). The embedded dataset 'vitjax_digits' needs no download: it is built from scikit-learn."),
-    ('keep rate 0', {'model.tokens': {'name': 'evit', 'keep_rate': 0.0, 'locations': (1,)}}, ValueError,
+     "Unknown dataset 'no_such_dataset': tensorflow-datasets has no builder of that name (see "
+     'https://www.tensorflow.org/datasets/catalog). vitjax reads tfds datasets in array_record '
+     'format and never downloads at run time. Prepare it once on a machine with TensorFlow and '
+     'network access:\n  tfds build <name> --file_format=array_record --data_dir={data_dir}\nand '
+     'copy the resulting folder into data_dir here (ImageNet first needs its archives in '
+     "--manual_dir). The embedded dataset 'vitjax_digits' needs no download: it is built from "
+     'scikit-learn.'),
+    ('keep rate 0',
+     {'model.tokens': {'name': 'evit', 'keep_rate': 0.0, 'locations': (1,)}},
+     ValueError,
      "token reducer 'evit': keep_rate must be in (0, 1], got 0.0"),
-    ('keep rate 1.5', {'model.tokens': {'name': 'evit', 'keep_rate': 1.5, 'locations': (1,)}}, ValueError,
+    ('keep rate 1.5',
+     {'model.tokens': {'name': 'evit', 'keep_rate': 1.5, 'locations': (1,)}},
+     ValueError,
      "token reducer 'evit': keep_rate must be in (0, 1], got 1.5"),
     ('image size vs patch', {'model.variant': 'Ti/3'}, ValueError,
      'image size (8, 8) is not divisible by the patch size 3'),
     ('mesh vs device count', {'mesh': (('data', 3),)}, ValueError,
      "mesh {'data': 3} does not fit 8 devices: the fixed axes multiply to 3, which must divide 8"),
     ('batch vs data axis', {'batch_size': 12}, ValueError,
-     "batch_size 12 (micro-batch 12) is not divisible by the 8 batch shards of the mesh {'data': 8}"),
+     "batch_size 12 (micro-batch 12) is not divisible by the 8 batch shards of the mesh {'data': "
+     '8}'),
     ('steps and epochs', {'total_epochs': 3}, ValueError,
      'set one of total_steps (2) and total_epochs (3), not both: set the other to None'),
     ('neither steps nor epochs', {'total_steps': None}, ValueError,
@@ -107,9 +118,11 @@ CASES = [
     ('fsdp without fsdp axis', {'sharding': 'fsdp'}, ValueError,
      "sharding='fsdp' needs an 'fsdp' mesh axis, e.g. mesh=(('data', 1), ('fsdp', -1))"),
     ('malformed mesh', {'mesh': ('data',)}, ValueError,
-     "mesh must be a sequence of (axis name, size) pairs, e.g. (('data', -1),) or (('data', 2), ('fsdp', -1)); got ('data',)"),
+     "mesh must be a sequence of (axis name, size) pairs, e.g. (('data', -1),) or (('data', 2), "
+     "('fsdp', -1)); got ('data',)"),
     ('mesh axis size as a string', {'mesh': (('data', 'all'),)}, ValueError,
-     "mesh axis ('data', 'all') must be (str, int); e.g. (('data', -1),) or (('data', 2), ('fsdp', -1))"),
+     "mesh axis ('data', 'all') must be (str, int); e.g. (('data', -1),) or (('data', 2), "
+     "('fsdp', -1))"),
     ('accumulation vs batch', {'optimizer.grad_accum_steps': 3}, ValueError,
      'optimizer.grad_accum_steps=3 must be a positive int dividing batch_size=16'),
     ('label smoothing', {'label_smoothing': 1.5}, ValueError,
@@ -126,18 +139,34 @@ CASES = [
      Prefix("unknown model option(s) ['heads']; valid")),
     ('unknown pp op', {'data.pp_train': 'sharpen(2)'}, ValueError,
      Prefix("Unknown pp op 'sharpen'. Valid")),
-    ('keep-rate warm-up with an unknown option', {'model.class_token': True, 'model.tokens': {'name': 'evit', 'keep_rate': 0.5, 'locations': (1,), 'warmup': {'start': 0}}}, ValueError,
-     "tokens.warmup has no option(s) ['start']; valid: ['grid', 'max_buckets', 'ramp_epochs', 'start_epoch']"),
+    ('keep-rate warm-up with an unknown option',
+     {'model.class_token': True,
+      'model.tokens': {'name': 'evit', 'keep_rate': 0.5,
+          'locations': (1,), 'warmup': {'start': 0}}},
+     ValueError,
+     "tokens.warmup has no option(s) ['start']; valid: ['grid', 'max_buckets', 'ramp_epochs', "
+     "'start_epoch']"),
     ('different model in the workdir', {'model.width': 32}, ckpt_lib.CheckpointMismatchError,
-     "the checkpoint at step 2 in {ckpt} was written by a different model: 27 shape(s) differ, e.g. ['block_0/attn/proj/bias: saved (64,), model (32,)', 'block_0/attn/proj/kernel: saved (64, 64), model (32, 32)', 'block_0/attn/qkv/bias: saved (192,), model (96,)']. Use a new --workdir for a new model, or the config that wrote this checkpoint to resume it"),
-    ('different optimizer in the workdir', {'optimizer.name': 'sgd'}, ckpt_lib.CheckpointMismatchError,
-     'the checkpoint at step 2 in {ckpt} has the same parameters but a different optimizer state (another optimizer or its options?). Use a new --workdir, or the optimizer config that wrote this checkpoint'),
+     'the checkpoint at step 2 in {ckpt} was written by a different model: 27 shape(s) differ, '
+     "e.g. ['block_0/attn/proj/bias: saved (64,), model (32,)', 'block_0/attn/proj/kernel: saved "
+     "(64, 64), model (32, 32)', 'block_0/attn/qkv/bias: saved (192,), model (96,)']. Use a new "
+     '--workdir for a new model, or the config that wrote this checkpoint to resume it'),
+    ('different optimizer in the workdir',
+     {'optimizer.name': 'sgd'},
+     ckpt_lib.CheckpointMismatchError,
+     'the checkpoint at step 2 in {ckpt} has the same parameters but a different optimizer state '
+     '(another optimizer or its options?). Use a new --workdir, or the optimizer config that '
+     'wrote this checkpoint'),
+    # Out of range: an error, never a silent clamp or a no-op.
     ('tome r negative', {'model.tokens': {'name': 'tome', 'r': -5}}, ValueError,
-     "token reducer 'tome': r must be an int >= 0 (tokens merged per block) or a list of them, got -5"),
-    ('tome keep rate leaves no token', {'model.class_token': True, 'model.tokens': {
-        'name': 'tome', 'keep_rate': 0.01, 'locations': (1,)}}, ValueError,
+     "token reducer 'tome': r must be an int >= 0 (tokens merged per block) or a list of them, "
+     'got -5'),
+    ('tome keep rate leaves no token',
+     {'model.class_token': True,
+      'model.tokens': {'name': 'tome', 'keep_rate': 0.01, 'locations': (1,)}},
+     ValueError,
      "token reducer 'tome': keep_rate 0.01 leaves no token at a location (counts [0] of 16 "
-     "patches): use a larger keep_rate"),
+     'patches): use a larger keep_rate'),
     ('drop path 2.0', {'model.drop_path': 2.0}, ValueError,
      'model.drop_path must be in [0, 1) (a drop probability), got 2.0'),
     ('dropout 1.0', {'model.dropout': 1.0}, ValueError,
@@ -145,15 +174,31 @@ CASES = [
     ('depth 0', {'model.depth': 0}, ValueError,
      'model.depth must be a positive int, got 0'),
     ('warm-up longer than the run', {'warmup_steps': 5}, ValueError,
-     'the lr warm-up (5 steps) is longer than the run (2 steps): the lr would never reach optimizer.lr; set warmup_steps (or warmup_epochs) to at most 2 steps'),
+     'the lr warm-up (5 steps) is longer than the run (2 steps): the lr would never reach '
+     'optimizer.lr; set warmup_steps (or warmup_epochs) to at most 2 steps'),
     ('mesh without a batch axis', {'mesh': (('model', -1),)}, ValueError,
-     "mesh (('model', -1),) has no batch axis (data or fsdp): every device would compute the whole batch; add one, e.g. (('data', -1), ('model', 2)), or (('data', 1), ('model', -1)) to replicate the batch on purpose"),
-    ('reducer at a block the model lacks', {'model.class_token': True, 'model.tokens': {'name': 'evit', 'keep_rate': 0.7, 'locations': (1, 2)}}, ValueError,
+     "mesh (('model', -1),) has no batch axis (data or fsdp): every device would compute the "
+     "whole batch; add one, e.g. (('data', -1), ('model', 2)), or (('data', 1), ('model', -1)) "
+     'to replicate the batch on purpose'),
+    ('reducer at a block the model lacks',
+     {'model.class_token': True,
+      'model.tokens': {'name': 'evit', 'keep_rate': 0.7, 'locations': (1, 2)}},
+     ValueError,
      "token reducer 'evit': locations has block 2; blocks are 0..1"),
-    ('other number of heads in the workdir', {'model.num_heads': 4}, ckpt_lib.CheckpointMismatchError,
-     'the checkpoint at step 2 in {ckpt} was trained with another model config: model.num_heads: 2 in the checkpoint, 4 now. Use a new --workdir for a new model, the config that wrote this checkpoint to resume it, or --allow_model_change to fine-tune from it'),
-    ('other attention in the workdir', {'model.attention': {'name': 'relu'}}, ckpt_lib.CheckpointMismatchError,
-     "the checkpoint at step 2 in {ckpt} was trained with another model config: model.attention.name: 'mhsa' in the checkpoint, 'relu' now. Use a new --workdir for a new model, the config that wrote this checkpoint to resume it, or --allow_model_change to fine-tune from it"),
+    # The same parameter shapes from another model config: refused, naming the fields.
+    ('other number of heads in the workdir',
+     {'model.num_heads': 4},
+     ckpt_lib.CheckpointMismatchError,
+     'the checkpoint at step 2 in {ckpt} was trained with another model config: model.num_heads: '
+     '2 in the checkpoint, 4 now. Use a new --workdir for a new model, the config that wrote '
+     'this checkpoint to resume it, or --allow_model_change to fine-tune from it'),
+    ('other attention in the workdir',
+     {'model.attention': {'name': 'relu'}},
+     ckpt_lib.CheckpointMismatchError,
+     'the checkpoint at step 2 in {ckpt} was trained with another model config: '
+     "model.attention.name: 'mhsa' in the checkpoint, 'relu' now. Use a new --workdir for a new "
+     'model, the config that wrote this checkpoint to resume it, or --allow_model_change to '
+     'fine-tune from it'),
 ]
 
 

@@ -218,6 +218,7 @@ if __name__ == "__main__":
   flags.DEFINE_integer("throughput_batch", None, "Batch for the throughput (default batch_size).")
   flags.DEFINE_integer("runs", 5, "Timed runs for the throughput (median).")
   flags.DEFINE_string("output", None, "Where the JSON rows go (default: evaluation.json in the "
-                      "workdir evaluated, or <file>.evaluation.json beside a timm/big_vision file).")
+                      "workdir evaluated, or <file>.evaluation.json beside a timm/big_vision "
+                      "file).")
   flags.mark_flags_as_required(["config"])
   app.run(main)
