@@ -226,9 +226,13 @@ class Checkpointer:
     if data_iter is not None:
       items["data"] = grain.PyGrainCheckpointSave(data_iter)
     self._saving = self._sealing = step
-    try:  # the step's orbax metadata records that it has a manifest: deleting it is damage too
+    # The step's orbax metadata records that the commit includes a manifest (asynchronous saves
+    # seal the step before the rename; synchronous ones write it just after): a deleted one is
+    # damage too.
+    sealed = {SEALED_KEY: True} if self.async_save else None
+    try:
       saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force,
-                                custom_metadata={SEALED_KEY: True})
+                                custom_metadata=sealed)
     except Exception as e:  # pylint: disable=broad-except  (tensorstore raises many types)
       raise self._save_error(step, e) from None
     if not saved:
