@@ -27,7 +27,7 @@ EXPECTED = {"quickstart", "attention_zoo", "token_reduction", "pretrained", "ker
 def local_weights(tmp_path_factory):
   """A timm-layout .safetensors file of a small 224 px ViT: the token-reduction notebook's
   'local file' path (the hub is offline in the tests)."""
-  model = models.build(dict(variant="Ti/16", depth=4),  # width 192: 3 heads, as the file reads
+  model = models.build(dict(variant="Ti/16", depth=3),  # width 192: 3 heads, as the file reads
                        num_classes=10, image_size=224)
   params = jax.jit(model.init)(jax.random.key(0), jax.numpy.zeros((1, 224, 224, 3)))["params"]
   path = str(tmp_path_factory.mktemp("weights") / "small_vit.safetensors")
