@@ -18,6 +18,8 @@ if ! "$VENV/bin/python" -c "import jax, libtpu, flax, pytest; assert jax.__versi
 else
   echo "== reusing $VENV"
 fi
+# The notebook executor, for colabs/pod_planning.ipynb (tests/tpu_compile/test_pod_planning_notebook.py).
+"$VENV/bin/python" -m pip install -q nbclient nbformat ipykernel matplotlib
 # The repo itself, without its (CPU, data) dependencies: the kernels and models need only jax+flax.
 "$VENV/bin/python" -m pip install -q --no-deps -e .
 ready=$(date +%s)

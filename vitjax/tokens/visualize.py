@@ -62,11 +62,10 @@ def render(image: np.ndarray, status: np.ndarray, holder: np.ndarray, patch_size
   return np.clip(img, 0.0, 1.0)
 
 
-def plot_stages(image: np.ndarray, stages: list, patch_size: int, path: str, *,
-                num_prefix: int = 1, fused_index=None, title: str = ""):
-  """Saves a PNG: the input, then one panel per (block, source) stage."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
+def figure(image: np.ndarray, stages: list, patch_size: int, *, num_prefix: int = 1,
+           fused_index=None, title: str = ""):
+  """A matplotlib Figure: the input, then one panel per (block, source) stage (shown inline in a
+  notebook; `plot_stages` saves it instead)."""
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   h, w = np.asarray(image).shape[:2]
   grid = (h // patch_size, w // patch_size)
@@ -85,6 +84,17 @@ def plot_stages(image: np.ndarray, stages: list, patch_size: int, path: str, *,
   if title:
     fig.suptitle(title)
   fig.tight_layout()
+  return fig
+
+
+def plot_stages(image: np.ndarray, stages: list, patch_size: int, path: str, *,
+                num_prefix: int = 1, fused_index=None, title: str = ""):
+  """Saves `figure(...)` as a PNG."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig = figure(image, stages, patch_size, num_prefix=num_prefix, fused_index=fused_index,
+               title=title)
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
