@@ -6,12 +6,17 @@ Expected: about 98% test top-1 on the 360 held-out digits after 2000 steps of ba
 97.8 / 97.8 / 98.1% with seeds 0 / 1 / 2), in about 4 minutes on a 2-core CPU.
 Args (after a colon, comma-separated): smoke=True (a few steps, for tests), steps=N,
 attention=NAME, tokens=NAME (a token reducer at blocks 1 and 2, block 1 with smoke, with a [CLS]
-token), keep_rate=0.7. Args combine in any order.
+token), keep_rate=0.7 (for a reducer that merges a fixed r per block instead, MCTF: r = the
+patches a keep rate drops at the first location, 16 -> 11 tokens at 0.7). Args combine in any
+order.
 """
 import ml_collections
 from ml_collections import config_dict
 
 from vitjax import config_lib
+from vitjax.tokens import registry as tokens_registry
+
+NUM_PATCHES = (8 // 2) ** 2
 
 
 def get_config(arg=None):
@@ -33,7 +38,10 @@ def get_config(arg=None):
                       pool="gap", posemb="sincos2d", class_token=False, drop_path=0.0,
                       dropout=0.0, attention=dict(name=arg.attention), tokens=dict(name=arg.tokens))
   if arg.tokens != "none":  # reduce after blocks 1 and 2 of 4 (EViT reduces at 4, 7, 10 of 12)
-    config.model.tokens.update(keep_rate=arg.keep_rate, locations=(1, 2))
+    if "keep_rate" in tokens_registry.get(arg.tokens).options:
+      config.model.tokens.update(keep_rate=arg.keep_rate, locations=(1, 2))
+    else:
+      config.model.tokens.update(r=round(NUM_PATCHES * (1 - arg.keep_rate)), locations=(1, 2))
     config.model.class_token = True  # EViT, Top-K, ATS, ... rank patches by the [CLS] row
   config.dtype = "float32"
 

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from configs import default as default_config
+from vitjax.tokens import registry as tokens_registry
 from vitjax.train import checkpoint as ckpt_lib
 from vitjax.train import trainer
 
@@ -395,9 +396,8 @@ def data_info():
                            num_examples={"train": 1437, "test": 360})
 
 
-# every reducer that takes a keep_rate (configs/default.py's tokens= arg passes one; MCTF takes r)
-REDUCERS = ["ats", "dpcknn", "dynamicvit", "evit", "kmedoids", "patchmerger", "sinkhorn", "sit",
-            "tokenlearner", "tokenlearner_v1", "tome", "topk"]
+# every reducer (configs/default.py's keep_rate arg becomes MCTF's r)
+REDUCERS = [n for n in tokens_registry.names() if n != "none"]
 
 
 @pytest.mark.parametrize("reducer", REDUCERS)
