@@ -1,0 +1,264 @@
+"""Attention zoo, spatial mechanisms (Tier S).
+
+The reference of every windowed mechanism is global attention with an explicit allowed-pairs mask
+built here from its definition (window ids on the unrolled grid), forward and gradients, fp32; then
+the special cases of each card (a window as large as the grid is global attention, the roll round
+trip is the identity, padding never receives weight), the fast path against the reference, jit,
+bf16 and a tiny ViT.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitjax import attention as attn_lib
+from vitjax.attention import spatial
+from vitjax.attention.base import AttnContext
+
+D, H = 32, 2
+
+
+def close(a, b, atol=1e-5, rtol=1e-5):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=rtol)
+
+
+def heads(t):
+  return t.reshape(t.shape[0], t.shape[1], H, -1)
+
+
+def tokens(grid, npre, batch=2, seed=0):
+  return jax.random.normal(jax.random.key(seed), (batch, npre + grid[0] * grid[1], D))
+
+
+def perturbed(p, scale=0.2, seed=5):
+  """Random parameters everywhere (biases and tables too), so a dropped term shows."""
+  leaves, tree = jax.tree.flatten(p)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [l + scale * jax.random.normal(k, l.shape)
+                                   for l, k in zip(leaves, keys)])
+
+
+def build(name, impl="reference", **kw):
+  return attn_lib.build(dict(name=name, **kw), num_heads=H, dtype=jnp.float32, impl=impl)
+
+
+def init(m, x, ctx):
+  return jax.jit(lambda x_: m.init(jax.random.key(1), x_, ctx))(x)
+
+
+def coords(grid):
+  r, c = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
+  return r.ravel(), c.ravel()
+
+
+def swin_allowed(grid, window, shift):
+  """Pairs of patches in one (shifted) window, on the unrolled grid: Swin's roll by -s followed by
+  its region mask puts tokens r and r' together iff floor((r - s) / ws) agrees on both axes."""
+  r, c = coords(grid)
+  gr, gc = (r - shift[0]) // window[0], (c - shift[1]) // window[1]
+  return (gr[:, None] == gr[None]) & (gc[:, None] == gc[None])
+
+
+def offset_bias(table, grid, window):
+  """[H, P, P] bias table[(dy + wh - 1)(2 ww - 1) + dx + ww - 1] of every patch pair, 0 where
+  the offset is outside the window's range."""
+  r, c = coords(grid)
+  dy, dx = r[:, None] - r[None], c[:, None] - c[None]
+  inside = (np.abs(dy) < window[0]) & (np.abs(dx) < window[1])
+  idx = np.where(inside, (dy + window[0] - 1) * (2 * window[1] - 1) + dx + window[1] - 1, 0)
+  return jnp.where(jnp.asarray(inside)[None], table[idx].transpose(2, 0, 1), 0.0)
+
+
+def naive_masked(p, x, allowed, pair_bias, valid=None):
+  """Global softmax attention over all N tokens with an [N, N] allowed mask and [H, N, N] bias."""
+  qkv = x @ p["qkv"]["kernel"] + p["qkv"]["bias"]
+  q, k, v = (heads(t) for t in jnp.split(qkv, 3, axis=-1))
+  s = jnp.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(q.shape[-1]) + pair_bias
+  mask = jnp.asarray(allowed)[None, None]
+  if valid is not None:
+    mask = mask & valid[:, None, None, :]
+  s = jnp.where(mask, s, -jnp.inf)
+  w = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("bhnm,bmhd->bnhd", w, v).reshape(x.shape)
+  return o @ p["proj"]["kernel"] + p["proj"]["bias"], w
+
+
+def naive_window(p, x, grid, npre, window, shift, valid=None):
+  """Swin attention as masked global attention: prefix rows see everything, patch rows see the
+  patches of their window only, with the offset-indexed bias."""
+  n = npre + grid[0] * grid[1]
+  allowed = np.zeros((n, n), bool)
+  allowed[:npre] = True
+  allowed[npre:, npre:] = swin_allowed(grid, window, shift)
+  bias = jnp.zeros((H, n, n)).at[:, npre:, npre:].set(
+      offset_bias(p["relative_position_bias_table"], grid, window))
+  return naive_masked(p, x, allowed, bias, valid)
+
+
+# (name, grid, prefix tokens, options, the window and shift Swin uses there)
+CASES = [
+    ("window", (8, 8), 1, dict(window_size=4), (4, 4), (0, 0)),
+    ("shifted_window", (8, 8), 1, dict(window_size=4), (4, 4), (2, 2)),
+    ("shifted_window", (6, 7), 0, dict(window_size=4, shift_size=1), (4, 4), (1, 1)),  # padding
+    ("window", (5, 6), 2, dict(window_size=(2, 3)), (2, 3), (0, 0)),                   # padding
+    ("shifted_window", (7, 7), 0, dict(window_size=7), (7, 7), (0, 0)),  # window = grid: no shift
+]
+
+
+def loss_and_grads(fn, p, x):
+  r = jax.random.normal(jax.random.key(7), jax.eval_shape(fn, p, x).shape)
+  return jax.jit(jax.value_and_grad(lambda p_, x_: (fn(p_, x_) * r).sum(), argnums=(0, 1)))(p, x)
+
+
+def close_grads(fast, ref, p, x):
+  """Forward and gradients (input and every parameter), relative to each gradient's scale."""
+  (lf, gf), (lr, gr) = loss_and_grads(fast, p, x), loss_and_grads(ref, p, x)
+  close(lf, lr, atol=1e-4)
+  for a, b in zip(jax.tree.leaves(gf), jax.tree.leaves(gr)):
+    close(a, b, atol=1e-5 * float(jnp.abs(b).max()) + 1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case,impl", [(i, "reference") for i in range(len(CASES))]
+                         + [(1, "xla"), (3, "xla")])
+def test_window_matches_masked_global_attention(case, impl):
+  name, grid, npre, opts, window, shift = CASES[case]
+  x = tokens(grid, npre)
+  valid = jnp.ones(x.shape[:2], bool).at[0, npre + 3].set(False).at[1, npre + 9].set(False)
+  ctx = AttnContext(grid=grid, num_prefix=npre, valid=valid)
+  m = build(name, impl, **opts)
+  p = perturbed(init(m, x, ctx))
+  assert p["params"]["relative_position_bias_table"].shape == (spatial.table_size(window), H)
+  fast = lambda p_, x_: m.apply(p_, x_, ctx)[0]  # noqa: E731
+  ref = lambda p_, x_: naive_window(p_["params"], x_, grid, npre, window, shift, valid)[0]  # noqa
+  close(jax.jit(fast)(p, x), jax.jit(ref)(p, x), atol=2e-5)
+  close_grads(fast, ref, p, x)
+
+
+def test_window_cls_row_is_exact():
+  grid, npre = (8, 8), 1
+  x = tokens(grid, npre)
+  ctx = AttnContext(grid=grid, num_prefix=npre)
+  m = build("shifted_window", window_size=4)
+  p = perturbed(init(m, x, ctx))
+  _, aux = m.apply(p, x, ctx, need=("cls_probs", "cls_probs_per_head"))
+  _, w = naive_window(p["params"], x, grid, npre, (4, 4), (2, 2))
+  close(aux["cls_probs_per_head"], w[:, :, 0], atol=1e-6)
+  close(aux["cls_probs"], w[:, :, 0].mean(1), atol=1e-6)
+  with pytest.raises(ValueError, match="cannot give"):
+    m.apply(p, x, ctx, need=("key_metric",))
+
+
+def test_window_as_large_as_the_grid_is_global_attention():
+  """ws = h = w, no shift: mhsa plus the bias; with a zero table, mhsa itself."""
+  grid, npre = (4, 4), 1
+  x = tokens(grid, npre)
+  ctx = AttnContext(grid=grid, num_prefix=npre)
+  for name in ("window", "shifted_window"):
+    m = build(name, window_size=4)
+    p = perturbed(init(m, x, ctx))
+    bias = jnp.zeros((H, x.shape[1], x.shape[1])).at[:, npre:, npre:].set(
+        offset_bias(p["params"]["relative_position_bias_table"], grid, (4, 4)))
+    allowed = np.ones((x.shape[1],) * 2, bool)
+    allowed[npre:, :npre] = False  # patch queries do not see the [CLS] (cls_mode global_row)
+    close(m.apply(p, x, ctx)[0], naive_masked(p["params"], x, allowed, bias)[0], atol=2e-5)
+    # no prefix and a zero table: exactly mhsa with the same projections
+    x0 = x[:, npre:]
+    zero = jax.tree.map(lambda t: t, p)
+    zero["params"]["relative_position_bias_table"] = jnp.zeros_like(
+        p["params"]["relative_position_bias_table"])
+    mhsa = attn_lib.build("mhsa", num_heads=H, dtype=jnp.float32)
+    got = m.apply(zero, x0, AttnContext(grid=grid, num_prefix=0))[0]
+    close(got, mhsa.apply({"params": {k: zero["params"][k] for k in ("qkv", "proj")}}, x0)[0],
+          atol=2e-5)
+
+
+@pytest.mark.parametrize("grid,window,shift", [((8, 8), (4, 4), (2, 2)), ((6, 7), (4, 3), (1, 2)),
+                                               ((5, 5), (5, 5), (0, 0))])
+def test_roll_round_trip_is_the_identity(grid, window, shift):
+  x = jax.random.normal(jax.random.key(0), (2, *grid, 3, 5))
+  w = spatial.to_windows(x, window, shift)
+  hp, wp = spatial.padded(grid, window)
+  assert w.shape == (2 * (hp // window[0]) * (wp // window[1]), window[0] * window[1], 3, 5)
+  np.testing.assert_array_equal(np.asarray(spatial.from_windows(w, window, grid, shift)),
+                                np.asarray(x))
+
+
+def test_padding_never_receives_weight():
+  """A 6x6 grid in 4x4 windows is padded to 8x8; the padded keys (k = 0 after the projection, so
+  logit 0, not small) get no weight: the output equals attention over the real tokens only, and
+  the windows' weights on padded keys are exactly 0."""
+  grid = (6, 6)
+  x = tokens(grid, 0)
+  ctx = AttnContext(grid=grid, num_prefix=0)
+  for name in ("window", "shifted_window"):
+    m = build(name, window_size=4)
+    p = perturbed(init(m, x, ctx))
+    close(m.apply(p, x, ctx)[0],
+          naive_window(p["params"], x, grid, 0, (4, 4), (0, 0) if name == "window" else (2, 2))[0],
+          atol=2e-5)
+  kb = spatial.to_windows(jnp.zeros((1, *grid)), (4, 4), (2, 2), fill=spatial.PAD_LOGIT)
+  w = jax.nn.softmax(jax.random.normal(jax.random.key(3), (4, 16, 16)) + kb[:, None, :], axis=-1)
+  assert float(jnp.where(kb[:, None, :] < -1, w, 0.0).max()) == 0.0
+
+
+def test_swin_official_index_and_mask():
+  """Pins the official buffers: relative_position_index as Swin builds it (coordinate differences
+  shifted by ws - 1, rows times 2 ws - 1), and the shifted-window mask of a 8x8 grid, ws 4, s 2."""
+  ws = 7
+  c = np.stack(np.meshgrid(np.arange(ws), np.arange(ws), indexing="ij")).reshape(2, -1)
+  rel = (c[:, :, None] - c[:, None, :]).transpose(1, 2, 0) + (ws - 1)
+  official = rel[..., 0] * (2 * ws - 1) + rel[..., 1]
+  np.testing.assert_array_equal(spatial.relative_position_index((ws, ws)), official)
+  mask = spatial.shift_mask((8, 8), (4, 4), (2, 2))
+  assert mask.shape == (4, 16, 16) and set(np.unique(mask)) == {0.0, -100.0}
+  assert (mask[0] == 0).all()                                   # an interior window: one region
+  assert len(np.unique(spatial.shift_regions((8, 8), (4, 4), (2, 2))[3])) == 4  # the corner: 4
+  assert spatial.shift_mask((8, 8), (4, 4), (0, 0)) is None
+  assert spatial.fit_window((7, 14), 7, 3) == ((7, 7), (0, 3))  # timm's per-axis rule
+
+
+def test_window_errors_are_one_line():
+  x = tokens((4, 4), 1)
+  m = build("window", window_size=2)
+  for ctx, match in [(None, "needs the patch grid"), (AttnContext(grid=(3, 3)), "expected 10"),
+                     (AttnContext(grid=(4, 4)), None)]:
+    if match is None:
+      build("window", window_size=2, cls_mode="none")
+      with pytest.raises(ValueError, match="cls_mode='none' takes no prefix tokens"):
+        build("window", window_size=2, cls_mode="none").init(jax.random.key(0), x, ctx)
+      continue
+    with pytest.raises(ValueError, match=match) as err:
+      m.init(jax.random.key(0), x, ctx)
+    assert str(err.value).startswith("error: ") and "\n" not in str(err.value)
+  with pytest.raises(ValueError, match="shift in"):
+    build("shifted_window", window_size=2, shift_size=2).init(
+        jax.random.key(0), x, AttnContext(grid=(4, 4)))
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("name", ["window", "shifted_window"])
+def test_window_jit_and_bf16(name, impl):
+  grid = (8, 8)
+  x = tokens(grid, 1)
+  ctx = AttnContext(grid=grid, num_prefix=1)
+  m = build(name, impl, window_size=4)
+  p = m.init(jax.random.key(1), x, ctx)
+  fn = jax.jit(lambda p_, x_: m.apply(p_, x_, ctx, need=("cls_probs",)))
+  y, aux = fn(p, x)
+  y0, aux0 = m.apply(p, x, ctx, need=("cls_probs",))
+  close(y, y0, atol=1e-5)
+  close(aux["cls_probs"], aux0["cls_probs"], atol=1e-6)
+  mb = attn_lib.build(dict(name=name, window_size=4), num_heads=H, dtype=jnp.bfloat16, impl=impl)
+  yb, auxb = mb.apply(p, x.astype(jnp.bfloat16), ctx, need=("cls_probs",))
+  assert yb.dtype == jnp.bfloat16
+  close(np.asarray(yb, np.float32), y0, atol=0.1, rtol=0.1)
+  assert np.isfinite(np.asarray(auxb["cls_probs"])).all()
+
+
+def window_reference_case():
+  test_window_matches_masked_global_attention(1, "reference")
+
+
+REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_reference_case}

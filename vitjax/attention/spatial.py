@@ -1,0 +1,154 @@
+"""Machinery the spatial (Tier S) mechanisms share: windows over the patch grid and relative
+position bias tables.
+
+Tokens of a Tier S layer are [B, prefix + h*w, ...] in raster order with ctx.grid = (h, w); the
+prefix tokens ([CLS], registers) are split off before windowing.
+
+Windows (Swin, MaxViT block attention): the grid is padded to multiples of the window, optionally
+rolled by -shift (Swin's shifted windows), cut into non-overlapping windows that become the batch
+axis, and put back by the inverse steps (`to_windows`, `from_windows`).
+
+Relative position bias (Swin): a learned table of (2 wh - 1)(2 ww - 1) entries per head, indexed by
+the offset (dy, dx) = (query - key) of two tokens in a window; `offset_index` gives the flat index
+of an offset (Swin's `relative_position_index` is `offset_index` of every in-window pair),
+`window_bias` gathers the [H, T, T] bias of one window. Neighbourhood attention indexes the same
+kind of table by the actual offset of each (query, key) pair.
+"""
+import math
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Logit added to a pair Swin's shifted-window mask forbids (Swin's own value: finite, so bf16 and
+# fully masked rows stay finite).
+SHIFT_MASK_LOGIT = -100.0
+# Logit of a padding key: far enough below any real logit that exp underflows to exactly 0.
+PAD_LOGIT = -1e9
+
+
+def pair(v) -> tuple:
+  """An int or a pair -> (int, int)."""
+  if isinstance(v, (int, np.integer)):
+    return int(v), int(v)
+  a, b = v
+  return int(a), int(b)
+
+
+def patch_grid(ctx, n: int, name: str) -> tuple:
+  """(h, w) and the prefix count of the raster tokens a Tier S layer sees; clear errors where the
+  context does not describe them."""
+  if ctx is None or ctx.grid is None:
+    raise ValueError(f"error: {name} needs the patch grid (ctx.grid); it is a spatial attention, "
+                     "use it before any token reduction or in a hierarchical backbone")
+  h, w = (int(g) for g in ctx.grid)
+  if n != ctx.num_prefix + h * w:
+    raise ValueError(f"error: {name} got {n} tokens for a {h}x{w} grid with {ctx.num_prefix} "
+                     f"prefix tokens; expected {ctx.num_prefix + h * w}")
+  return (h, w), ctx.num_prefix
+
+
+def fit_window(grid: Sequence[int], window, shift) -> tuple:
+  """Swin's rule per axis: a window no smaller than the grid becomes the grid and is not shifted
+  (official code and timm); returns ((wh, ww), (sh, sw))."""
+  window, shift = pair(window), pair(shift)
+  for ws, s in zip(window, shift):
+    if ws < 1 or not 0 <= s < ws:
+      raise ValueError(f"error: window {window} with shift {shift}; a window is >= 1 and a shift "
+                       "in [0, window)")
+  win = tuple(g if g <= ws else ws for g, ws in zip(grid, window))
+  sh = tuple(0 if g <= ws else s for g, ws, s in zip(grid, win, shift))
+  return win, sh
+
+
+def padded(grid: Sequence[int], window: Sequence[int]) -> tuple:
+  return tuple(math.ceil(g / ws) * ws for g, ws in zip(grid, window))
+
+
+def to_windows(x, window: Sequence[int], shift: Sequence[int] = (0, 0), fill=0.0):
+  """x [B, h, w, ...] -> [B * nW, wh * ww, ...]: pad with `fill` to multiples of the window, roll
+  by -shift, and cut into windows in raster order of windows."""
+  xp = np if isinstance(x, np.ndarray) else jnp  # numpy for the static masks
+  b, h, w = x.shape[:3]
+  hp, wp = padded((h, w), window)
+  pads = [(0, 0), (0, hp - h), (0, wp - w)] + [(0, 0)] * (x.ndim - 3)
+  x = xp.pad(x, pads, constant_values=fill)
+  if any(shift):
+    x = xp.roll(x, (-shift[0], -shift[1]), axis=(1, 2))
+  wh, ww = window
+  rest = x.shape[3:]
+  x = x.reshape(b, hp // wh, wh, wp // ww, ww, *rest)
+  x = xp.moveaxis(x, 3, 2)  # [B, nh, nw, wh, ww, ...]
+  return x.reshape(b * (hp // wh) * (wp // ww), wh * ww, *rest)
+
+
+def from_windows(x, window: Sequence[int], grid: Sequence[int], shift: Sequence[int] = (0, 0)):
+  """The inverse of `to_windows`: [B * nW, wh * ww, ...] -> [B, h, w, ...]."""
+  (wh, ww), (h, w) = window, grid
+  hp, wp = padded(grid, window)
+  nh, nw = hp // wh, wp // ww
+  rest = x.shape[2:]
+  x = x.reshape(-1, nh, nw, wh, ww, *rest)
+  x = jnp.moveaxis(x, 2, 3).reshape(-1, hp, wp, *rest)
+  if any(shift):
+    x = jnp.roll(x, (shift[0], shift[1]), axis=(1, 2))
+  return x[:, :h, :w]
+
+
+def shift_regions(grid: Sequence[int], window: Sequence[int], shift: Sequence[int]) -> np.ndarray:
+  """Swin's region ids [nW, T] of the rolled, padded grid: the slices (0, -ws), (-ws, -s), (-s, end)
+  per axis; two tokens of a window from different regions were not neighbours before the roll."""
+  hp, wp = padded(grid, window)
+  img = np.zeros((1, hp, wp), np.float32)
+  cnt = 0
+  for rows in _bands(hp, window[0], shift[0]):
+    for cols in _bands(wp, window[1], shift[1]):
+      img[:, rows, cols] = cnt
+      cnt += 1
+  return to_windows(img, window)
+
+
+def _bands(size: int, ws: int, s: int) -> list:
+  if s == 0:
+    return [slice(0, size)]
+  return [slice(0, size - ws), slice(size - ws, size - s), slice(size - s, size)]
+
+
+def shift_mask(grid, window, shift) -> Optional[np.ndarray]:
+  """[nW, T, T] additive logits: SHIFT_MASK_LOGIT between regions, 0 within; None without shift."""
+  if not any(shift):
+    return None
+  ids = shift_regions(grid, window, shift)
+  return np.where(ids[:, :, None] != ids[:, None, :], SHIFT_MASK_LOGIT, 0.0).astype(np.float32)
+
+
+def table_size(window: Sequence[int]) -> int:
+  """Entries per head of a relative position table for offsets within a window."""
+  return (2 * window[0] - 1) * (2 * window[1] - 1)
+
+
+def offset_index(dy, dx, window: Sequence[int]):
+  """Flat table index of offsets (dy, dx) = query - key, each in (-ws, ws)."""
+  return (dy + window[0] - 1) * (2 * window[1] - 1) + (dx + window[1] - 1)
+
+
+def relative_position_index(window: Sequence[int]) -> np.ndarray:
+  """[T, T] table index of every (query, key) pair of a window (Swin's buffer of that name)."""
+  rows, cols = np.meshgrid(np.arange(window[0]), np.arange(window[1]), indexing="ij")
+  r, c = rows.ravel(), cols.ravel()
+  return offset_index(r[:, None] - r[None, :], c[:, None] - c[None, :], window)
+
+
+def window_bias(table, window: Sequence[int]):
+  """table [(2wh-1)(2ww-1), H] -> the [H, T, T] relative position bias of one window."""
+  idx = relative_position_index(window)
+  return jnp.take(table, jnp.asarray(idx.reshape(-1)), axis=0).reshape(
+      *idx.shape, -1).transpose(2, 0, 1)
+
+
+def bias_init(stddev: float = 0.02):
+  """Swin's initialiser of its tables: a normal truncated at +-2 (timm's trunc_normal_, std .02)."""
+  def init(key, shape, dtype=jnp.float32):
+    return stddev * jax.random.truncated_normal(key, -2.0 / stddev, 2.0 / stddev, shape, dtype)
+  return init
