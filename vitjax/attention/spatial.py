@@ -85,14 +85,15 @@ def to_windows(x, window: Sequence[int], shift: Sequence[int] = (0, 0), fill=0.0
 
 def from_windows(x, window: Sequence[int], grid: Sequence[int], shift: Sequence[int] = (0, 0)):
   """The inverse of `to_windows`: [B * nW, wh * ww, ...] -> [B, h, w, ...]."""
+  xp = np if isinstance(x, np.ndarray) else jnp
   (wh, ww), (h, w) = window, grid
   hp, wp = padded(grid, window)
   nh, nw = hp // wh, wp // ww
   rest = x.shape[2:]
   x = x.reshape(-1, nh, nw, wh, ww, *rest)
-  x = jnp.moveaxis(x, 2, 3).reshape(-1, hp, wp, *rest)
+  x = xp.moveaxis(x, 2, 3).reshape(-1, hp, wp, *rest)
   if any(shift):
-    x = jnp.roll(x, (shift[0], shift[1]), axis=(1, 2))
+    x = xp.roll(x, (shift[0], shift[1]), axis=(1, 2))
   return x[:, :h, :w]
 
 
