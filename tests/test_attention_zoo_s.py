@@ -267,8 +267,83 @@ def test_bf16(name, impl):
   assert np.isfinite(np.asarray(auxb["cls_probs"])).all()
 
 
+# ----- neighbourhood attention -----
+def natten_start(i, length, k, d):
+  """natten's window start of position i (its C++ rule, restated)."""
+  ns = k // 2
+  if d <= 1:
+    return max(i - ns, 0) + (i + ns >= length) * (length - i - ns - 1)
+  if i - ns * d < 0:
+    return i % d
+  if i + ns * d >= length:
+    a = (length // d) * d
+    b = length - a
+    return length - b + i % d - 2 * ns * d if i % d < b else a + i % d - k * d
+  return i - ns * d
+
+
+def naive_neighborhood(p, x, grid, npre, k, d, valid=None):
+  """NA as masked global attention: query (r, c) sees keys start + t d per axis, t < k, with the
+  bias rpb[h, (key - query) / d + k - 1] per axis."""
+  n = npre + grid[0] * grid[1]
+  r, c = coords(grid)
+  ok = lambda q_, key, length: (key - natten_start(q_, length, k, d)) % d == 0 and 0 <= (  # noqa
+      key - natten_start(q_, length, k, d)) // d < k
+  allowed = np.zeros((n, n), bool)
+  allowed[:npre] = True
+  for i in range(len(r)):
+    for j in range(len(r)):
+      allowed[npre + i, npre + j] = ok(r[i], r[j], grid[0]) and ok(c[i], c[j], grid[1])
+  dy, dx = (r[None] - r[:, None]) // d + k - 1, (c[None] - c[:, None]) // d + k - 1
+  inside = allowed[npre:, npre:]
+  table = p["rpb"][:, np.where(inside, dy, 0), np.where(inside, dx, 0)]
+  bias = jnp.zeros((H, n, n)).at[:, npre:, npre:].set(jnp.where(inside[None], table, 0.0))
+  return naive_masked(p, x, allowed, bias, valid)
+
+
+# (name, grid, prefix, options, k, dilation)
+NA_CASES = [("neighborhood", (7, 6), 1, dict(kernel_size=3), 3, 1),
+            ("dilated_neighborhood", (9, 8), 0, dict(kernel_size=3, dilation=2), 3, 2),
+            ("dilated_neighborhood", (8, 8), 0, dict(kernel_size=3), 3, 2)]  # delta = 8 // 3
+
+
+@pytest.mark.parametrize("case", range(len(NA_CASES)))
+def test_neighborhood_matches_masked_global_attention(case):
+  name, grid, npre, opts, k, d = NA_CASES[case]
+  x = tokens(grid, npre)
+  valid = jnp.ones(x.shape[:2], bool).at[0, npre + 4].set(False)
+  ctx = AttnContext(grid=grid, num_prefix=npre, valid=valid)
+  compare(build(name, **opts), lambda p, x_: naive_neighborhood(p, x_, grid, npre, k, d, valid)[0],
+          x, ctx, grads=case < 2)
+
+
+def test_neighborhood_special_cases():
+  """k = grid is global attention (with the bias); a corner query's keys are the top-left k x k
+  block (and the last query's the bottom-right one); border queries read shifted bias entries."""
+  grid = (5, 5)
+  x = tokens(grid, 0)
+  compare(build("neighborhood", kernel_size=5), lambda p, x_: naive_neighborhood(
+      p, x_, grid, 0, 5, 1)[0], x, AttnContext(grid=grid, num_prefix=0), grads=False)
+  keys, valid, offset = spatial.neighborhood_2d((7, 7), (3, 3), (1, 1))
+  assert valid.all()
+  assert sorted(keys[0]) == [0, 1, 2, 7, 8, 9, 14, 15, 16]
+  assert sorted(keys[48]) == [32, 33, 34, 39, 40, 41, 46, 47, 48]
+  # query 0 sees offsets (0..2, 0..2): table rows and columns 2..4 of a 5 x 5 table
+  assert sorted(offset[0]) == [r * 5 + c for r in (2, 3, 4) for c in (2, 3, 4)]
+  assert sorted(offset[24]) == [r * 5 + c for r in (1, 2, 3) for c in (1, 2, 3)]  # interior
+  # a dilation group shorter than k is attended whole
+  keys, valid, _ = spatial.neighborhood(4, 7, 2)
+  assert (valid.sum(1) == 2).all() and set(keys[1][valid[1]]) == {1, 3}
+
+
 def window_reference_case():
   test_window_matches_masked_global_attention(1, "reference")
 
 
-REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_reference_case}
+def neighborhood_reference_case():
+  test_neighborhood_matches_masked_global_attention(0)
+
+
+REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_reference_case,
+                   "neighborhood": neighborhood_reference_case,
+                   "dilated_neighborhood": test_neighborhood_matches_masked_global_attention}

@@ -153,3 +153,49 @@ def bias_init(stddev: float = 0.02):
   def init(key, shape, dtype=jnp.float32):
     return stddev * jax.random.truncated_normal(key, -2.0 / stddev, 2.0 / stddev, shape, dtype)
   return init
+
+
+# ----------------------------------------------------------------------------- neighbourhoods
+def neighborhood(length: int, kernel: int, dilation: int = 1) -> tuple:
+  """One axis of (dilated) neighbourhood attention: keys [L, k], valid [L, k], offset [L, k].
+
+  Position i attends to k positions of its dilation group {g, g + delta, ...}, g = i mod delta: the
+  window centred on i, shifted inward at the borders so it keeps k positions (NAT / natten); a
+  group shorter than k is attended whole (the extra slots are invalid). offset = (key - query) /
+  delta + k - 1, the index into a (2k - 1) table.
+  """
+  keys = np.zeros((length, kernel), np.int64)
+  valid = np.zeros((length, kernel), bool)
+  for i in range(length):
+    g, j = i % dilation, i // dilation
+    size = len(range(g, length, dilation))
+    k = min(kernel, size)
+    start = min(max(j - kernel // 2, 0), size - k)
+    keys[i, :k] = g + dilation * np.arange(start, start + k)
+    keys[i, k:] = i
+    valid[i, :k] = True
+  offset = (keys - np.arange(length)[:, None]) // dilation + kernel - 1
+  return keys, valid, offset
+
+
+def neighborhood_2d(grid: Sequence[int], kernel: Sequence[int], dilation: Sequence[int]) -> tuple:
+  """keys [P, kh*kw] (raster indices), valid [P, kh*kw], offset index [P, kh*kw] into a
+  [(2kh-1)(2kw-1)] table of (dy, dx) = key - query, for the P = h*w raster queries."""
+  kr, vr, orow = neighborhood(grid[0], kernel[0], dilation[0])
+  kc, vc, ocol = neighborhood(grid[1], kernel[1], dilation[1])
+  keys = kr[:, None, :, None] * grid[1] + kc[None, :, None, :]
+  valid = vr[:, None, :, None] & vc[None, :, None, :]
+  offset = orow[:, None, :, None] * (2 * kernel[1] - 1) + ocol[None, :, None, :]
+  flat = lambda a: a.reshape(grid[0] * grid[1], kernel[0] * kernel[1])  # noqa: E731
+  return flat(keys), flat(valid), flat(offset)
+
+
+def prefix_rows(q, k, v, bias, num_prefix: int, drop):
+  """cls_mode "global_row": the prefix queries' softmax attention over every token, [B,P,H,d];
+  drop(weights) applies the layer's attention dropout."""
+  logits = jnp.einsum("bnhd,bmhd->bhnm", q[:, :num_prefix], k,
+                      preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+  if bias is not None:
+    logits = logits + bias
+  w = drop(jax.nn.softmax(logits, axis=-1)).astype(v.dtype)
+  return jnp.einsum("bhnm,bhmd->bhnd", w, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)

@@ -33,7 +33,7 @@ from vitjax.attention import registry
 from vitjax.attention.base import (Attention, Capabilities, cls_aux, cls_position, projection_macs,
                                    query_row, softmax_weights, weighted_values)
 from vitjax.attention.spatial import (PAD_LOGIT, bias_init, fit_window, padded, patch_grid,
-                                      shift_mask, table_size, to_windows, from_windows,
+                                      prefix_rows, shift_mask, table_size, to_windows, from_windows,
                                       window_bias)
 
 CLS_MODES = ("global_row", "none")
@@ -92,10 +92,9 @@ class WindowAttention(Attention):
     key_bias = None if bias is None else bias[:, 0, 0, npre:]
     y = self.windowed(q[:, npre:], k[:, npre:], v[:, npre:], key_bias, table, grid, window, shift,
                       deterministic)
-    if npre:  # global rows of the prefix queries
-      probs = softmax_weights(q[:, :npre], k, bias)
-      y_pre = weighted_values(self.dropout_weights(probs, deterministic).astype(v.dtype), v)
-      y = jnp.concatenate([y_pre, y], axis=1)
+    if npre:
+      drop = lambda w: self.dropout_weights(w, deterministic)  # noqa: E731
+      y = jnp.concatenate([prefix_rows(q, k, v, bias, npre, drop), y], axis=1)
     aux = cls_aux(need, lambda: query_row(softmax_weights, q, k, bias, cls_position(ctx)))
     return y, aux
 
