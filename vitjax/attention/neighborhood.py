@@ -40,11 +40,14 @@ def dilation_for(grid, kernel, dilation) -> tuple:
   return pair(dilation)
 
 
-def neighborhood_macs(n, width, num_heads, *, kernel_size, num_prefix=1, **_):
-  """Projections, Q K^T and P V of each patch over its k^2 keys, prefix rows over all n keys."""
+def neighborhood_macs(n, width, num_heads, *, kernel_size, dilation, num_prefix=1, **_):
+  """Projections, Q K^T and P V of each patch over its k^2 keys (fewer where a dilation group is
+  shorter than k), prefix rows over all n keys; the grid is taken as square."""
   del num_heads
   side = math.isqrt(n - num_prefix)
-  kh, kw = (min(k, side) for k in pair(kernel_size))
+  kernel = pair(kernel_size)
+  dil = dilation_for((side, side), kernel, dilation)
+  kh, kw = (min(k, -(-side // dd)) for k, dd in zip(kernel, dil))
   return (projection_macs(n, width) + 2 * side * side * kh * kw * width
           + 2 * num_prefix * n * width)
 

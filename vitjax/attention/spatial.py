@@ -157,15 +157,17 @@ def bias_init(stddev: float = 0.02):
 
 # ----------------------------------------------------------------------------- neighbourhoods
 def neighborhood(length: int, kernel: int, dilation: int = 1) -> tuple:
-  """One axis of (dilated) neighbourhood attention: keys [L, k], valid [L, k], offset [L, k].
+  """One axis of (dilated) neighbourhood attention: keys [L, K], valid [L, K], offset [L, K],
+  K = min(k, the longest dilation group).
 
   Position i attends to k positions of its dilation group {g, g + delta, ...}, g = i mod delta: the
   window centred on i, shifted inward at the borders so it keeps k positions (NAT / natten); a
   group shorter than k is attended whole (the extra slots are invalid). offset = (key - query) /
   delta + k - 1, the index into a (2k - 1) table.
   """
-  keys = np.zeros((length, kernel), np.int64)
-  valid = np.zeros((length, kernel), bool)
+  slots = min(kernel, -(-length // dilation))  # no more than the longest group
+  keys = np.zeros((length, slots), np.int64)
+  valid = np.zeros((length, slots), bool)
   for i in range(length):
     g, j = i % dilation, i // dilation
     size = len(range(g, length, dilation))
@@ -179,14 +181,14 @@ def neighborhood(length: int, kernel: int, dilation: int = 1) -> tuple:
 
 
 def neighborhood_2d(grid: Sequence[int], kernel: Sequence[int], dilation: Sequence[int]) -> tuple:
-  """keys [P, kh*kw] (raster indices), valid [P, kh*kw], offset index [P, kh*kw] into a
-  [(2kh-1)(2kw-1)] table of (dy, dx) = key - query, for the P = h*w raster queries."""
+  """keys [P, K] (raster indices), valid [P, K], offset index [P, K] into a [(2kh-1)(2kw-1)]
+  table of (dy, dx) = key - query, for the P = h*w raster queries (K <= kh*kw)."""
   kr, vr, orow = neighborhood(grid[0], kernel[0], dilation[0])
   kc, vc, ocol = neighborhood(grid[1], kernel[1], dilation[1])
   keys = kr[:, None, :, None] * grid[1] + kc[None, :, None, :]
   valid = vr[:, None, :, None] & vc[None, :, None, :]
   offset = orow[:, None, :, None] * (2 * kernel[1] - 1) + ocol[None, :, None, :]
-  flat = lambda a: a.reshape(grid[0] * grid[1], kernel[0] * kernel[1])  # noqa: E731
+  flat = lambda a: a.reshape(grid[0] * grid[1], -1)  # noqa: E731
   return flat(keys), flat(valid), flat(offset)
 
 
