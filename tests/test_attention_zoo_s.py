@@ -336,6 +336,67 @@ def test_neighborhood_special_cases():
   assert (valid.sum(1) == 2).all() and set(keys[1][valid[1]]) == {1, 3}
 
 
+# ----- MaxViT block and grid attention -----
+def naive_partition(p, x, grid, npre, size, kind):
+  """Block / grid attention as masked global attention: block parts are the P x P windows; grid
+  parts gather the tokens congruent modulo the spacing hp / G; bias at key - query in part units."""
+  n = npre + grid[0] * grid[1]
+  r, c = coords(grid)
+  if kind == "block":
+    part, local = (r // size[0], c // size[1]), (r, c)
+  else:
+    sh, sw = (math.ceil(g / s) for g, s in zip(grid, size))  # the spacing of a padded grid
+    part, local = (r % sh, c % sw), (r // sh, c // sw)
+  allowed = np.zeros((n, n), bool)
+  allowed[:npre] = True
+  allowed[npre:, npre:] = (part[0][:, None] == part[0][None]) & (part[1][:, None] == part[1][None])
+  inside = allowed[npre:, npre:]
+  dy = np.where(inside, local[0][None] - local[0][:, None] + size[0] - 1, 0)
+  dx = np.where(inside, local[1][None] - local[1][:, None] + size[1] - 1, 0)
+  table = p["relative_position_bias_table"][:, dy, dx]
+  bias = jnp.zeros((H, n, n)).at[:, npre:, npre:].set(jnp.where(inside[None], table, 0.0))
+  return naive_masked(p, x, allowed, bias)
+
+
+# (name, grid, prefix, partition size, impl)
+MAXVIT_CASES = [("maxvit_block", (6, 8), 1, (3, 4), "reference"),
+                ("maxvit_grid", (6, 9), 0, (3, 3), "reference"),
+                ("maxvit_grid", (7, 6), 1, (3, 2), "xla")]  # padding: 7 rows in 3 groups
+
+
+@pytest.mark.parametrize("case", range(len(MAXVIT_CASES)))
+def test_maxvit_matches_masked_global_attention(case):
+  name, grid, npre, size, impl = MAXVIT_CASES[case]
+  kind = name.split("_")[1]
+  compare(build(name, impl, partition_size=size), lambda p, x_: naive_partition(
+      p, x_, grid, npre, size, kind)[0], tokens(grid, npre),
+      AttnContext(grid=grid, num_prefix=npre), grads=case < 2)
+
+
+def test_maxvit_grid_is_block_attention_after_the_grid_permutation_and_dina():
+  """grid attention == block attention on the grid-permuted tokens; P = G = h is global attention
+  for both; DiNA with h = delta k equals grid attention with G = k (same table)."""
+  grid, g = (6, 6), (3, 3)
+  x = tokens(grid, 0)
+  ctx = AttnContext(grid=grid, num_prefix=0)
+  block, gridded = build("maxvit_block", partition_size=g), build("maxvit_grid", partition_size=g)
+  p = perturbed(init(gridded, x, ctx))
+  # the permutation that turns each grid group into a 3 x 3 window (groups in raster order)
+  order = np.asarray(spatial.to_grid(np.arange(36).reshape(1, 6, 6), g)).reshape(-1)
+  perm = np.asarray(spatial.from_windows(order.reshape(4, 9), g, grid)).reshape(-1)
+  close(jitted(gridded)(p, x, ctx)[0][:, perm], jitted(block)(p, x[:, perm], ctx)[0], atol=2e-5)
+  dina = build("dilated_neighborhood", kernel_size=3, dilation=2)
+  close(jitted(dina)({"params": {"qkv": p["params"]["qkv"], "proj": p["params"]["proj"],
+                                 "rpb": p["params"]["relative_position_bias_table"]}}, x, ctx)[0],
+        jitted(gridded)(p, x, ctx)[0], atol=2e-5)
+  big = build("maxvit_grid", partition_size=6)
+  pb = perturbed(init(big, x, ctx))
+  close(jitted(big)(pb, x, ctx)[0], jitted(build("maxvit_block", partition_size=6))(pb, x, ctx)[0],
+        atol=2e-5)
+  close(jitted(big)(pb, x, ctx)[0], naive_partition(pb["params"], x, grid, 0, (6, 6), "block")[0],
+        atol=2e-5)
+
+
 def window_reference_case():
   test_window_matches_masked_global_attention(1, "reference")
 
@@ -346,4 +407,6 @@ def neighborhood_reference_case():
 
 REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_reference_case,
                    "neighborhood": neighborhood_reference_case,
-                   "dilated_neighborhood": test_neighborhood_matches_masked_global_attention}
+                   "dilated_neighborhood": test_neighborhood_matches_masked_global_attention,
+                   "maxvit_block": test_maxvit_matches_masked_global_attention,
+                   "maxvit_grid": test_maxvit_matches_masked_global_attention}

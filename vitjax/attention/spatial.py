@@ -201,3 +201,63 @@ def prefix_rows(q, k, v, bias, num_prefix: int, drop):
     logits = logits + bias
   w = drop(jax.nn.softmax(logits, axis=-1)).astype(v.dtype)
   return jnp.einsum("bhnm,bhmd->bhnd", w, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+
+
+# ----------------------------------------------------------------------------- partitions
+def to_grid(x, groups: Sequence[int], fill=0.0):
+  """MaxViT's grid partition: x [B, h, w, ...] -> [B * nW, Gh * Gw, ...], padded with `fill` to
+  multiples of the grid; a group holds the G x G tokens spaced hp / Gh rows and wp / Gw columns apart."""
+  xp = np if isinstance(x, np.ndarray) else jnp
+  b, h, w = x.shape[:3]
+  hp, wp = padded((h, w), groups)
+  x = xp.pad(x, [(0, 0), (0, hp - h), (0, wp - w)] + [(0, 0)] * (x.ndim - 3),
+             constant_values=fill)
+  gh, gw = groups
+  rest = x.shape[3:]
+  x = x.reshape(b, gh, hp // gh, gw, wp // gw, *rest)
+  x = xp.moveaxis(x, (1, 3), (3, 4))  # [B, hp/G, wp/G, Gh, Gw, ...]
+  return x.reshape(b * (hp // gh) * (wp // gw), gh * gw, *rest)
+
+
+def from_grid(x, groups: Sequence[int], grid: Sequence[int]):
+  """The inverse of `to_grid`."""
+  xp = np if isinstance(x, np.ndarray) else jnp
+  (gh, gw), (h, w) = groups, grid
+  hp, wp = padded(grid, groups)
+  rest = x.shape[2:]
+  x = x.reshape(-1, hp // gh, wp // gw, gh, gw, *rest)
+  x = xp.moveaxis(x, (3, 4), (1, 3)).reshape(-1, hp, wp, *rest)
+  return x[:, :h, :w]
+
+
+def partitioned_attention(q, k, v, key_bias, grid, cut, paste, pair_bias=None, mask=None, *,
+                          impl="reference", drop=None):
+  """Softmax attention within the parts of a partition of the patch grid (windows, groups).
+
+  q, k, v [B, h*w, H, d]; key_bias [B, h*w] or None; cut(t [B, h, w, ...], fill) -> [B*nW, T, ...]
+  and paste its inverse; pair_bias [H, T, T] and mask [nW, T, T] are shared by all images. Padding
+  keys get PAD_LOGIT. impl "reference" materialises the weights (also whenever `drop` is given),
+  else jax.nn.dot_product_attention with the parts as the batch. Returns [B, h*w, H, d].
+  """
+  b, _, h, d = q.shape
+  img = lambda t: t.reshape(b, *grid, *t.shape[2:])  # noqa: E731
+  qw, kw, vw = (cut(img(t), 0.0) for t in (q, k, v))   # [B*nW, T, H, d]
+  t = qw.shape[1]
+  kb = jnp.zeros((b, grid[0] * grid[1]), jnp.float32) if key_bias is None else key_bias
+  logits_bias = cut(img(kb), PAD_LOGIT).reshape(b, -1, 1, 1, t)   # [B, nW, 1, 1, T]
+  if pair_bias is not None:
+    logits_bias = logits_bias + pair_bias
+  if mask is not None:
+    logits_bias = logits_bias + jnp.asarray(mask)[None, :, None]
+  n_win = logits_bias.shape[1]
+  logits_bias = jnp.broadcast_to(logits_bias, (b, n_win, h, t, t)).reshape(b * n_win, h, t, t)
+  if impl == "reference" or drop is not None:
+    logits = jnp.einsum("bnhd,bmhd->bhnm", qw, kw,
+                        preferred_element_type=jnp.float32) * d ** -0.5 + logits_bias
+    w = jax.nn.softmax(logits, axis=-1)
+    w = (w if drop is None else drop(w)).astype(v.dtype)
+    yw = jnp.einsum("bhnm,bhmd->bhnd", w, vw.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+  else:
+    yw = jax.nn.dot_product_attention(qw, kw, vw, bias=logits_bias.astype(qw.dtype),
+                                      implementation="xla")
+  return paste(yw).reshape(b, grid[0] * grid[1], h, d)

@@ -26,15 +26,14 @@ the windows as the batch and the bias and mask as one [windows, H, T, T] bias.
 """
 import math
 
-import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
 from vitjax.attention.base import (Attention, Capabilities, cls_aux, cls_position, projection_macs,
-                                   query_row, softmax_weights, weighted_values)
-from vitjax.attention.spatial import (PAD_LOGIT, bias_init, fit_window, padded, patch_grid,
-                                      prefix_rows, shift_mask, table_size, to_windows, from_windows,
-                                      window_bias)
+                                   query_row, softmax_weights)
+from vitjax.attention.spatial import (bias_init, fit_window, from_windows, padded,
+                                      partitioned_attention, patch_grid, prefix_rows, shift_mask,
+                                      table_size, to_windows, window_bias)
 
 CLS_MODES = ("global_row", "none")
 
@@ -100,28 +99,13 @@ class WindowAttention(Attention):
 
   def windowed(self, q, k, v, key_bias, table, grid, window, shift, deterministic):
     """Patch queries [B, h*w, H, d] over their windows -> [B, h*w, H, d]."""
-    b, _, h, d = q.shape
-    cut = lambda t, fill=0.0: to_windows(t.reshape(b, *grid, *t.shape[2:]), window, shift, fill)
-    qw, kw, vw = cut(q), cut(k), cut(v)   # [B*nW, T, H, d]
-    t = qw.shape[1]
-    # per key: the context's bias, PAD_LOGIT on padding
-    kb = jnp.zeros((b, grid[0] * grid[1]), jnp.float32) if key_bias is None else key_bias
-    kb = cut(kb, PAD_LOGIT).reshape(b, -1, 1, 1, t)   # [B, nW, 1, 1, T]
-    logits_bias = kb
-    if table is not None:
-      logits_bias = logits_bias + window_bias(table.astype(jnp.float32), window)
-    mask = shift_mask(grid, window, shift)
-    if mask is not None:
-      logits_bias = logits_bias + jnp.asarray(mask)[None, :, None]
-    n_win = kb.shape[1]
-    logits_bias = jnp.broadcast_to(logits_bias, (b, n_win, h, t, t)).reshape(b * n_win, h, t, t)
-    if self.impl == "reference" or self.dropping(deterministic):
-      probs = softmax_weights(qw, kw, logits_bias)
-      yw = weighted_values(self.dropout_weights(probs, deterministic).astype(v.dtype), vw)
-    else:
-      yw = jax.nn.dot_product_attention(qw, kw, vw, bias=logits_bias.astype(qw.dtype),
-                                        implementation="xla")
-    return from_windows(yw, window, grid, shift).reshape(b, grid[0] * grid[1], h, d)
+    cut = lambda t, fill: to_windows(t, window, shift, fill)  # noqa: E731
+    paste = lambda t: from_windows(t, window, grid, shift)  # noqa: E731
+    bias = None if table is None else window_bias(table.astype(jnp.float32), window)
+    drop = (lambda w: self.dropout_weights(w, deterministic)) if self.dropping(deterministic) \
+        else None
+    return partitioned_attention(q, k, v, key_bias, grid, cut, paste, bias,
+                                 shift_mask(grid, window, shift), impl=self.impl, drop=drop)
 
 
 @registry.register("shifted_window", like="window")
