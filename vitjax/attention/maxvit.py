@@ -21,13 +21,10 @@ import math
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, Capabilities, cls_aux, cls_position, projection_macs,
-                                   query_row, softmax_weights)
-from vitjax.attention.spatial import (bias_init, from_grid, from_windows, padded, pair,
-                                      partitioned_attention, patch_grid, prefix_rows,
-                                      relative_position_index, to_grid, to_windows)
-
-CLS_MODES = ("global_row", "none")
+from vitjax.attention.base import Attention, Capabilities, projection_macs
+from vitjax.attention.spatial import (begin, bias_init, finish, from_grid, from_windows, padded,
+                                      pair, partitioned_attention, relative_position_index,
+                                      to_grid, to_windows)
 
 
 def partition_macs(n, width, num_heads, *, partition_size, num_prefix=1, **_):
@@ -66,17 +63,7 @@ class MaxViTBlockAttention(Attention):
 
   def mix(self, x, q, k, v, bias, ctx, *, need, deterministic):
     del x
-    name = type(self).__name__
-    if self.cls_mode not in CLS_MODES:
-      raise ValueError(f"error: cls_mode {self.cls_mode!r}; valid: {', '.join(CLS_MODES)}")
-    unknown = set(need) - set(self.caps.provides())
-    if unknown:
-      raise ValueError(f"error: {name} cannot give {sorted(unknown)}; it gives "
-                       f"{', '.join(self.caps.provides())}")
-    grid, npre = patch_grid(ctx, q.shape[1], name)
-    if npre and self.cls_mode == "none":
-      raise ValueError(f"error: cls_mode='none' takes no prefix tokens, got {npre}; use "
-                       "cls_mode='global_row' or a model without a [CLS] token")
+    grid, npre = begin(self, q, ctx, need)
     size = pair(self.partition_size)
     if min(size) < 1:
       raise ValueError(f"error: partition_size {self.partition_size}; it is >= 1")
@@ -91,10 +78,7 @@ class MaxViTBlockAttention(Attention):
     key_bias = None if bias is None else bias[:, 0, 0, npre:]
     y = partitioned_attention(q[:, npre:], k[:, npre:], v[:, npre:], key_bias, grid, cut, paste,
                               pair_bias, impl=self.impl, drop=drop)
-    if npre:
-      y = jnp.concatenate([prefix_rows(q, k, v, bias, npre, drop or (lambda w: w)), y], axis=1)
-    aux = cls_aux(need, lambda: query_row(softmax_weights, q, k, bias, cls_position(ctx)))
-    return y, aux
+    return finish(self, y, q, k, v, bias, ctx, need, deterministic)
 
 
 @registry.register("maxvit_grid", like="maxvit_block",

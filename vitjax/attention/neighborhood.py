@@ -26,11 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, Capabilities, cls_aux, cls_position, projection_macs,
-                                   query_row, softmax_weights)
-from vitjax.attention.spatial import bias_init, neighborhood_2d, pair, patch_grid, prefix_rows
-
-CLS_MODES = ("global_row", "none")
+from vitjax.attention.base import Attention, Capabilities, projection_macs
+from vitjax.attention.spatial import begin, bias_init, finish, neighborhood_2d, pair
 
 
 def dilation_for(grid, kernel, dilation) -> tuple:
@@ -67,21 +64,11 @@ class NeighborhoodAttention(Attention):
 
   def mix(self, x, q, k, v, bias, ctx, *, need, deterministic):
     del x
-    name = type(self).__name__
-    if self.cls_mode not in CLS_MODES:
-      raise ValueError(f"error: cls_mode {self.cls_mode!r}; valid: {', '.join(CLS_MODES)}")
     kernel = pair(self.kernel_size)
     if any(kk < 1 or kk % 2 == 0 for kk in kernel):
       raise ValueError(f"error: kernel_size {self.kernel_size}; neighbourhood attention needs an "
                        "odd kernel size >= 1")
-    unknown = set(need) - set(self.caps.provides())
-    if unknown:
-      raise ValueError(f"error: neighbourhood attention cannot give {sorted(unknown)}; it gives "
-                       f"{', '.join(self.caps.provides())}")
-    grid, npre = patch_grid(ctx, q.shape[1], name)
-    if npre and self.cls_mode == "none":
-      raise ValueError(f"error: cls_mode='none' takes no prefix tokens, got {npre}; use "
-                       "cls_mode='global_row' or a model without a [CLS] token")
+    grid, npre = begin(self, q, ctx, need)
     dilation = dilation_for(grid, kernel, self.dilation)
     if any(dd < 1 for dd in dilation):
       raise ValueError(f"error: dilation {self.dilation}; a dilation is an int >= 1")
@@ -92,11 +79,7 @@ class NeighborhoodAttention(Attention):
     key_bias = None if bias is None else bias[:, 0, 0, npre:]
     y = self.local(q[:, npre:], k[:, npre:], v[:, npre:], key_bias, table, grid, kernel, dilation,
                    deterministic)
-    if npre:
-      drop = lambda w: self.dropout_weights(w, deterministic)  # noqa: E731
-      y = jnp.concatenate([prefix_rows(q, k, v, bias, npre, drop), y], axis=1)
-    aux = cls_aux(need, lambda: query_row(softmax_weights, q, k, bias, cls_position(ctx)))
-    return y, aux
+    return finish(self, y, q, k, v, bias, ctx, need, deterministic)
 
   def local(self, q, k, v, key_bias, table, grid, kernel, dilation, deterministic):
     """Patch queries [B, P, H, d] over their gathered neighbours -> [B, P, H, d]."""

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitjax.attention import base
+
 # Logit added to a pair Swin's shifted-window mask forbids (Swin's own value: finite, so bf16 and
 # fully masked rows stay finite).
 SHIFT_MASK_LOGIT = -100.0
@@ -261,3 +263,34 @@ def partitioned_attention(q, k, v, key_bias, grid, cut, paste, pair_bias=None, m
     yw = jax.nn.dot_product_attention(qw, kw, vw, bias=logits_bias.astype(qw.dtype),
                                       implementation="xla")
   return paste(yw).reshape(b, grid[0] * grid[1], h, d)
+
+
+# ----------------------------------------------------------------------------- the shared frame
+CLS_MODES = ("global_row", "none")
+
+
+def begin(module, q, ctx, need) -> tuple:
+  """The checks every Tier S mechanism makes before attending; returns (grid, num_prefix)."""
+  name = type(module).__name__
+  if module.cls_mode not in CLS_MODES:
+    raise ValueError(f"error: cls_mode {module.cls_mode!r}; valid: {', '.join(CLS_MODES)}")
+  unknown = set(need) - set(module.caps.provides())
+  if unknown:
+    raise ValueError(f"error: {name} cannot give {sorted(unknown)}; it gives "
+                     f"{', '.join(module.caps.provides())}")
+  grid, npre = patch_grid(ctx, q.shape[1], name)
+  if npre and module.cls_mode == "none":
+    raise ValueError(f"error: cls_mode='none' takes no prefix tokens, got {npre}; use "
+                     "cls_mode='global_row' or a model without a [CLS] token")
+  return grid, npre
+
+
+def finish(module, y, q, k, v, bias, ctx, need, deterministic) -> tuple:
+  """(patch outputs with the prefix rows in front, aux): the prefix queries attend to every token
+  (cls_mode "global_row"), which makes the [CLS] row exact."""
+  npre = ctx.num_prefix
+  if npre:
+    drop = lambda w: module.dropout_weights(w, deterministic)  # noqa: E731
+    y = jnp.concatenate([prefix_rows(q, k, v, bias, npre, drop), y], axis=1)
+  return y, base.cls_aux(need, lambda: base.query_row(base.softmax_weights, q, k, bias,
+                                                      base.cls_position(ctx)))

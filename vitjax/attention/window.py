@@ -29,13 +29,10 @@ import math
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import (Attention, Capabilities, cls_aux, cls_position, projection_macs,
-                                   query_row, softmax_weights)
-from vitjax.attention.spatial import (bias_init, fit_window, from_windows, padded,
-                                      partitioned_attention, patch_grid, prefix_rows, shift_mask,
-                                      table_size, to_windows, window_bias)
-
-CLS_MODES = ("global_row", "none")
+from vitjax.attention.base import Attention, Capabilities, projection_macs
+from vitjax.attention.spatial import (begin, bias_init, finish, fit_window, from_windows, padded,
+                                      partitioned_attention, shift_mask, table_size, to_windows,
+                                      window_bias)
 
 
 def window_macs(n, width, num_heads, *, window_size, shift_size, num_prefix=1, **_):
@@ -71,18 +68,7 @@ class WindowAttention(Attention):
 
   def mix(self, x, q, k, v, bias, ctx, *, need, deterministic):
     del x
-    name = type(self).__name__
-    if self.cls_mode not in CLS_MODES:
-      raise ValueError(f"error: cls_mode {self.cls_mode!r}; valid: {', '.join(CLS_MODES)}")
-    unknown = set(need) - set(self.caps.provides())
-    if unknown:
-      raise ValueError(f"error: window attention cannot give {sorted(unknown)}; it gives "
-                       f"{', '.join(self.caps.provides())}")
-    b, n = q.shape[:2]
-    grid, npre = patch_grid(ctx, n, name)
-    if npre and self.cls_mode == "none":
-      raise ValueError(f"error: cls_mode='none' takes no prefix tokens, got {npre}; use "
-                       "cls_mode='global_row' or a model without a [CLS] token")
+    grid, npre = begin(self, q, ctx, need)
     window, shift = fit_window(grid, self.window_size, self.shift())
     table = None
     if self.rel_pos_bias:
@@ -91,11 +77,7 @@ class WindowAttention(Attention):
     key_bias = None if bias is None else bias[:, 0, 0, npre:]
     y = self.windowed(q[:, npre:], k[:, npre:], v[:, npre:], key_bias, table, grid, window, shift,
                       deterministic)
-    if npre:
-      drop = lambda w: self.dropout_weights(w, deterministic)  # noqa: E731
-      y = jnp.concatenate([prefix_rows(q, k, v, bias, npre, drop), y], axis=1)
-    aux = cls_aux(need, lambda: query_row(softmax_weights, q, k, bias, cls_position(ctx)))
-    return y, aux
+    return finish(self, y, q, k, v, bias, ctx, need, deterministic)
 
   def windowed(self, q, k, v, key_bias, table, grid, window, shift, deterministic):
     """Patch queries [B, h*w, H, d] over their windows -> [B, h*w, H, d]."""
