@@ -1,18 +1,20 @@
-"""Machinery the spatial (Tier S) mechanisms share: windows over the patch grid and relative
-position bias tables.
+"""Machinery the spatial (Tier S) mechanisms share: partitions of the patch grid, relative
+position bias tables, neighbourhoods, and the frame every Tier S layer runs in.
 
 Tokens of a Tier S layer are [B, prefix + h*w, ...] in raster order with ctx.grid = (h, w); the
-prefix tokens ([CLS], registers) are split off before windowing.
+prefix tokens ([CLS], registers) are split off before partitioning (`begin`) and attend to every
+token afterwards (`finish`, cls_mode "global_row").
 
-Windows (Swin, MaxViT block attention): the grid is padded to multiples of the window, optionally
-rolled by -shift (Swin's shifted windows), cut into non-overlapping windows that become the batch
-axis, and put back by the inverse steps (`to_windows`, `from_windows`).
+Partitions: Swin / MaxViT-block windows (`to_windows`: pad to multiples of the window, optionally
+roll by -shift, cut into windows that become the batch axis; `from_windows` inverts it) and
+MaxViT's grid groups (`to_grid` / `from_grid`); `partitioned_attention` runs softmax attention in
+each part, padded keys excluded.
 
-Relative position bias (Swin): a learned table of (2 wh - 1)(2 ww - 1) entries per head, indexed by
-the offset (dy, dx) = (query - key) of two tokens in a window; `offset_index` gives the flat index
-of an offset (Swin's `relative_position_index` is `offset_index` of every in-window pair),
-`window_bias` gathers the [H, T, T] bias of one window. Neighbourhood attention indexes the same
-kind of table by the actual offset of each (query, key) pair.
+Relative position bias: a learned table of (2 wh - 1)(2 ww - 1) entries per head indexed by the
+offset of two tokens; `offset_index` gives the flat index of an offset, Swin's
+`relative_position_index` is that of every in-window pair (query - key), MaxViT's and natten's
+tables read key - query. `neighborhood` / `neighborhood_2d` give natten's inward-shifted (dilated)
+neighbourhood of every query with the offset index of each of its keys.
 """
 import math
 from typing import Optional, Sequence
