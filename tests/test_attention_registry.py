@@ -18,6 +18,7 @@ import pytest
 import test_attention_normalized
 import test_attention_zoo_a
 import test_attention_zoo_b
+import test_attention_zoo_s
 from vitjax import attention, tables
 from vitjax.attention import registry
 from vitjax.attention.base import AttnContext
@@ -72,7 +73,8 @@ def test_macs_read_the_options():
 
 def test_every_mechanism_has_a_reference_case():
   cases = {**test_attention_zoo_a.REFERENCE_CASES, **test_attention_zoo_a.GRID_REFERENCE_CASES,
-           **test_attention_zoo_b.REFERENCE_CASES, **test_attention_normalized.REFERENCE_CASES}
+           **test_attention_zoo_b.REFERENCE_CASES, **test_attention_normalized.REFERENCE_CASES,
+           **test_attention_zoo_s.REFERENCE_CASES}
   missing = sorted(set(zoo_names()) - set(cases))
   assert not missing, f"no naive-formula reference test for {missing}"
 
@@ -120,13 +122,14 @@ def test_spec_impl_overrides_the_model_impl():
 
 def test_no_mechanism_imports_a_sibling():
   root = pathlib.Path(attention.__file__).parent
-  shared = {"vitjax.attention.base", "vitjax.attention.registry"}
+  shared = {"vitjax.attention.base", "vitjax.attention.registry",
+            "vitjax.attention.spatial"}  # the Tier S machinery
   for path in sorted(root.glob("*.py")):
     if path.stem == "__init__":
       continue
     for node in ast.walk(ast.parse(path.read_text())):
       if isinstance(node, ast.ImportFrom) and node.module == "vitjax.attention":
-        assert {a.name for a in node.names} <= {"registry", "base"}, path.name
+        assert {a.name for a in node.names} <= {"registry", "base", "spatial"}, path.name
       elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vitjax.attention"):
         assert node.module in shared, (path.name, node.module)
       elif isinstance(node, ast.Import):

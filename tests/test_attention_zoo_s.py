@@ -1,0 +1,414 @@
+"""Attention zoo, spatial mechanisms (Tier S).
+
+The reference of every windowed mechanism is global attention with an explicit allowed-pairs mask
+built here from its definition (window ids on the unrolled grid), forward and gradients, fp32; then
+the special cases of each card (a window as large as the grid is global attention, the roll round
+trip is the identity, padding never receives weight), the fast path against the reference, jit,
+bf16 and a tiny ViT.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitjax import attention as attn_lib
+from vitjax.attention import spatial
+from vitjax.attention.base import AttnContext
+
+D, H = 32, 2
+
+
+def close(a, b, atol=1e-5, rtol=1e-5):
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=atol, rtol=rtol)
+
+
+def heads(t):
+  return t.reshape(t.shape[0], t.shape[1], H, -1)
+
+
+def tokens(grid, npre, batch=2, seed=0):
+  return jax.random.normal(jax.random.key(seed), (batch, npre + grid[0] * grid[1], D))
+
+
+def perturbed(p, scale=0.2, seed=5):
+  """Random parameters everywhere (biases and tables too), so a dropped term shows."""
+  leaves, tree = jax.tree.flatten(p)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [l + scale * jax.random.normal(k, l.shape)
+                                   for l, k in zip(leaves, keys)])
+
+
+def build(name, impl="reference", **kw):
+  return attn_lib.build(dict(name=name, **kw), num_heads=H, dtype=jnp.float32, impl=impl)
+
+
+def init(m, x, ctx):
+  return jax.jit(lambda x_: m.init(jax.random.key(1), x_, ctx))(x)
+
+
+def jitted(m):
+  """m.apply compiled (op-by-op execution of the windowing is the slow part of these tests)."""
+  return jax.jit(m.apply, static_argnames=("need",))
+
+
+def coords(grid):
+  r, c = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
+  return r.ravel(), c.ravel()
+
+
+def swin_allowed(grid, window, shift):
+  """Pairs of patches in one (shifted) window, on the unrolled grid: Swin's roll by -s followed by
+  its region mask puts tokens r and r' together iff floor((r - s) / ws) agrees on both axes."""
+  r, c = coords(grid)
+  gr, gc = (r - shift[0]) // window[0], (c - shift[1]) // window[1]
+  return (gr[:, None] == gr[None]) & (gc[:, None] == gc[None])
+
+
+def offset_bias(table, grid, window):
+  """[H, P, P] bias table[(dy + wh - 1)(2 ww - 1) + dx + ww - 1] of every patch pair, 0 where
+  the offset is outside the window's range."""
+  r, c = coords(grid)
+  dy, dx = r[:, None] - r[None], c[:, None] - c[None]
+  inside = (np.abs(dy) < window[0]) & (np.abs(dx) < window[1])
+  idx = np.where(inside, (dy + window[0] - 1) * (2 * window[1] - 1) + dx + window[1] - 1, 0)
+  return jnp.where(jnp.asarray(inside)[None], table[idx].transpose(2, 0, 1), 0.0)
+
+
+def naive_masked(p, x, allowed, pair_bias, valid=None):
+  """Global softmax attention over all N tokens with an [N, N] allowed mask and [H, N, N] bias."""
+  qkv = x @ p["qkv"]["kernel"] + p["qkv"]["bias"]
+  q, k, v = (heads(t) for t in jnp.split(qkv, 3, axis=-1))
+  s = jnp.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(q.shape[-1]) + pair_bias
+  mask = jnp.asarray(allowed)[None, None]
+  if valid is not None:
+    mask = mask & valid[:, None, None, :]
+  s = jnp.where(mask, s, -jnp.inf)
+  w = jax.nn.softmax(s, axis=-1)
+  o = jnp.einsum("bhnm,bmhd->bnhd", w, v).reshape(x.shape)
+  return o @ p["proj"]["kernel"] + p["proj"]["bias"], w
+
+
+def naive_window(p, x, grid, npre, window, shift, valid=None):
+  """Swin attention as masked global attention: prefix rows see everything, patch rows see the
+  patches of their window only, with the offset-indexed bias."""
+  n = npre + grid[0] * grid[1]
+  allowed = np.zeros((n, n), bool)
+  allowed[:npre] = True
+  allowed[npre:, npre:] = swin_allowed(grid, window, shift)
+  bias = jnp.zeros((H, n, n)).at[:, npre:, npre:].set(
+      offset_bias(p["relative_position_bias_table"], grid, window))
+  return naive_masked(p, x, allowed, bias, valid)
+
+
+# (name, grid, prefix tokens, options, the window and shift Swin uses there)
+CASES = [
+    ("shifted_window", (8, 8), 1, dict(window_size=4), (4, 4), (2, 2)),
+    ("window", (5, 6), 2, dict(window_size=(2, 3)), (2, 3), (0, 0)),                   # padding
+    ("shifted_window", (6, 7), 0, dict(window_size=4, shift_size=1), (4, 4), (1, 1)),  # padding
+]
+
+
+def compare(m, ref, x, ctx, grads=True):
+  """The module on perturbed parameters against ref(params, x), forward and gradients (input and
+  every parameter, relative to each gradient's scale); one compile for all of it."""
+  r = jax.random.normal(jax.random.key(7), x.shape)
+
+  @jax.jit
+  def run(x):
+    p = perturbed(m.init(jax.random.key(1), x, ctx))
+    fast = lambda p_, x_: m.apply(p_, x_, ctx)[0]  # noqa: E731
+    outs = [fast(p, x), ref(p["params"], x)]
+    if grads:
+      outs += [jax.grad(lambda p_, x_: (f(p_, x_) * r).sum(), argnums=(0, 1))(p, x)
+               for f in (fast, lambda p_, x_: ref(p_["params"], x_))]
+    return p, outs
+
+  p, outs = run(x)
+  close(outs[0], outs[1], atol=2e-5)
+  if grads:
+    for a, b in zip(jax.tree.leaves(outs[2]), jax.tree.leaves(outs[3])):
+      close(a, b, atol=1e-5 * float(jnp.abs(b).max()) + 1e-6, rtol=1e-4)
+  return p
+
+
+@pytest.mark.parametrize("case,impl", [(0, "reference"), (1, "reference"), (1, "xla")])
+def test_window_matches_masked_global_attention(case, impl):
+  name, grid, npre, opts, window, shift = CASES[case]
+  x = tokens(grid, npre)
+  valid = jnp.ones(x.shape[:2], bool).at[0, npre + 3].set(False).at[1, npre + 9].set(False)
+  ctx = AttnContext(grid=grid, num_prefix=npre, valid=valid)
+  grads = (case, impl) in ((0, "reference"), (1, "xla"))  # one gradient compile per path
+  p = compare(build(name, impl, **opts), lambda p_, x_: naive_window(
+      p_, x_, grid, npre, window, shift, valid)[0], x, ctx, grads=grads)
+  assert p["params"]["relative_position_bias_table"].shape == (spatial.table_size(window), H)
+
+
+def test_window_cls_row_is_exact():
+  grid, npre = (8, 8), 1
+  x = tokens(grid, npre)
+  ctx = AttnContext(grid=grid, num_prefix=npre)
+  m = build("shifted_window", window_size=4)
+  p = perturbed(init(m, x, ctx))
+  _, aux = jitted(m)(p, x, ctx, need=("cls_probs", "cls_probs_per_head"))
+  _, w = jax.jit(naive_window, static_argnums=(2, 3, 4, 5))(p["params"], x, grid, npre, (4, 4),
+                                                            (2, 2))
+  close(aux["cls_probs_per_head"], w[:, :, 0], atol=1e-6)
+  close(aux["cls_probs"], w[:, :, 0].mean(1), atol=1e-6)
+  with pytest.raises(ValueError, match="cannot give"):
+    m.apply(p, x, ctx, need=("key_metric",))
+
+
+def test_window_as_large_as_the_grid_is_global_attention():
+  """ws = h = w, no shift: global attention plus the bias (patch queries do not see the [CLS]);
+  without prefix tokens and with a zero table, mhsa itself."""
+  grid, npre = (4, 4), 1
+  x = tokens(grid, npre)
+  n = x.shape[1]
+  allowed = np.ones((n, n), bool)
+  allowed[npre:, :npre] = False
+
+  def ref(p, x_):
+    bias = jnp.zeros((H, n, n)).at[:, npre:, npre:].set(
+        offset_bias(p["relative_position_bias_table"], grid, (4, 4)))
+    return naive_masked(p, x_, allowed, bias)[0]
+
+  m = build("shifted_window", window_size=4)
+  p = compare(m, ref, x, AttnContext(grid=grid, num_prefix=npre), grads=False)
+  mhsa = attn_lib.build("mhsa", num_heads=H, dtype=jnp.float32)
+  zero = {"params": dict(p["params"], relative_position_bias_table=jnp.zeros_like(
+      p["params"]["relative_position_bias_table"]))}
+  plain = {"params": {k: p["params"][k] for k in ("qkv", "proj")}}
+  x0 = x[:, npre:]
+  close(jitted(m)(zero, x0, AttnContext(grid=grid, num_prefix=0))[0], jitted(mhsa)(plain, x0)[0],
+        atol=2e-5)
+
+
+def test_roll_round_trip_is_the_identity():
+  """Pad, roll, cut into windows and back (numpy arrays take the same code path, uncompiled)."""
+  for grid, window, shift in [((8, 8), (4, 4), (2, 2)), ((6, 7), (4, 3), (1, 2)),
+                              ((5, 5), (5, 5), (0, 0))]:
+    x = np.random.default_rng(0).normal(size=(2, *grid, 3, 5)).astype(np.float32)
+    w = spatial.to_windows(x, window, shift)
+    hp, wp = spatial.padded(grid, window)
+    assert w.shape == (2 * (hp // window[0]) * (wp // window[1]), window[0] * window[1], 3, 5)
+    np.testing.assert_array_equal(spatial.from_windows(w, window, grid, shift), x)
+    g = spatial.to_grid(x, window)
+    np.testing.assert_array_equal(spatial.from_grid(g, window, grid), x)
+
+
+def test_padding_never_receives_weight():
+  """A 6x7 grid in shifted 4x4 windows is padded to 8x8; the padded keys (k = 0 after the
+  projection, so logit 0, not small) get no weight: the output equals attention over the
+  real tokens only (whose reference has no padding at all), and padded keys' weights are exactly 0."""
+  test_window_matches_masked_global_attention(2, "reference")
+  kb = spatial.to_windows(np.zeros((1, 6, 6)), (4, 4), (2, 2), fill=spatial.PAD_LOGIT)
+  w = jax.nn.softmax(jax.random.normal(jax.random.key(3), (4, 16, 16)) + kb[:, None, :], axis=-1)
+  assert float(jnp.where(kb[:, None, :] < -1, w, 0.0).max()) == 0.0
+
+
+def test_swin_official_index_and_mask():
+  """Pins the official buffers: relative_position_index as Swin builds it (coordinate differences
+  shifted by ws - 1, rows times 2 ws - 1), and the shifted-window mask of a 8x8 grid, ws 4, s 2."""
+  ws = 7
+  c = np.stack(np.meshgrid(np.arange(ws), np.arange(ws), indexing="ij")).reshape(2, -1)
+  rel = (c[:, :, None] - c[:, None, :]).transpose(1, 2, 0) + (ws - 1)
+  official = rel[..., 0] * (2 * ws - 1) + rel[..., 1]
+  np.testing.assert_array_equal(spatial.relative_position_index((ws, ws)), official)
+  mask = spatial.shift_mask((8, 8), (4, 4), (2, 2))
+  assert mask.shape == (4, 16, 16) and set(np.unique(mask)) == {0.0, -100.0}
+  assert (mask[0] == 0).all()                                   # an interior window: one region
+  assert len(np.unique(spatial.shift_regions((8, 8), (4, 4), (2, 2))[3])) == 4  # the corner: 4
+  assert spatial.shift_mask((8, 8), (4, 4), (0, 0)) is None
+  assert spatial.fit_window((7, 14), 7, 3) == ((7, 7), (0, 3))  # timm's per-axis rule
+
+
+def test_window_errors_are_one_line():
+  x = tokens((4, 4), 1)
+  m = build("window", window_size=2)
+  for ctx, match in [(None, "needs the patch grid"), (AttnContext(grid=(3, 3)), "expected 10"),
+                     (AttnContext(grid=(4, 4)), None)]:
+    if match is None:
+      build("window", window_size=2, cls_mode="none")
+      with pytest.raises(ValueError, match="cls_mode='none' takes no prefix tokens"):
+        build("window", window_size=2, cls_mode="none").init(jax.random.key(0), x, ctx)
+      continue
+    with pytest.raises(ValueError, match=match) as err:
+      m.init(jax.random.key(0), x, ctx)
+    assert str(err.value).startswith("error: ") and "\n" not in str(err.value)
+  with pytest.raises(ValueError, match="shift in"):
+    build("shifted_window", window_size=2, shift_size=2).init(
+        jax.random.key(0), x, AttnContext(grid=(4, 4)))
+
+
+def test_jit_matches_eager():
+  grid = (8, 8)
+  x = tokens(grid, 1)
+  ctx = AttnContext(grid=grid, num_prefix=1)
+  m = build("shifted_window", window_size=4)
+  p = init(m, x, ctx)
+  y, aux = jitted(m)(p, x, ctx, need=("cls_probs",))
+  y0, aux0 = m.apply(p, x, ctx, need=("cls_probs",))
+  close(y, y0, atol=1e-5)
+  close(aux["cls_probs"], aux0["cls_probs"], atol=1e-6)
+
+
+@pytest.mark.parametrize("name,impl", [("shifted_window", "xla")])
+def test_bf16(name, impl):
+  grid = (6, 6)
+  x = tokens(grid, 1)
+  ctx = AttnContext(grid=grid, num_prefix=1)
+  m = build(name, impl, window_size=4)
+  p = init(m, x, ctx)
+  y0 = jitted(m)(p, x, ctx)[0]
+  mb = attn_lib.build(dict(name=name, window_size=4), num_heads=H, dtype=jnp.bfloat16, impl=impl)
+  yb, auxb = jitted(mb)(p, x.astype(jnp.bfloat16), ctx, need=("cls_probs",))
+  assert yb.dtype == jnp.bfloat16
+  close(np.asarray(yb, np.float32), y0, atol=0.1, rtol=0.1)
+  assert np.isfinite(np.asarray(auxb["cls_probs"])).all()
+
+
+# ----- neighbourhood attention -----
+def natten_start(i, length, k, d):
+  """natten's window start of position i (its C++ rule, restated)."""
+  ns = k // 2
+  if d <= 1:
+    return max(i - ns, 0) + (i + ns >= length) * (length - i - ns - 1)
+  if i - ns * d < 0:
+    return i % d
+  if i + ns * d >= length:
+    a = (length // d) * d
+    b = length - a
+    return length - b + i % d - 2 * ns * d if i % d < b else a + i % d - k * d
+  return i - ns * d
+
+
+def naive_neighborhood(p, x, grid, npre, k, d, valid=None):
+  """NA as masked global attention: query (r, c) sees keys start + t d per axis, t < k, with the
+  bias rpb[h, (key - query) / d + k - 1] per axis."""
+  n = npre + grid[0] * grid[1]
+  r, c = coords(grid)
+  ok = lambda q_, key, length: (key - natten_start(q_, length, k, d)) % d == 0 and 0 <= (  # noqa
+      key - natten_start(q_, length, k, d)) // d < k
+  allowed = np.zeros((n, n), bool)
+  allowed[:npre] = True
+  for i in range(len(r)):
+    for j in range(len(r)):
+      allowed[npre + i, npre + j] = ok(r[i], r[j], grid[0]) and ok(c[i], c[j], grid[1])
+  dy, dx = (r[None] - r[:, None]) // d + k - 1, (c[None] - c[:, None]) // d + k - 1
+  inside = allowed[npre:, npre:]
+  table = p["rpb"][:, np.where(inside, dy, 0), np.where(inside, dx, 0)]
+  bias = jnp.zeros((H, n, n)).at[:, npre:, npre:].set(jnp.where(inside[None], table, 0.0))
+  return naive_masked(p, x, allowed, bias, valid)
+
+
+# (name, grid, prefix, options, k, dilation)
+NA_CASES = [("neighborhood", (7, 6), 1, dict(kernel_size=3), 3, 1),
+            ("dilated_neighborhood", (9, 8), 0, dict(kernel_size=3, dilation=2), 3, 2),
+            ("dilated_neighborhood", (8, 8), 0, dict(kernel_size=3), 3, 2)]  # delta = 8 // 3
+
+
+@pytest.mark.parametrize("case", range(len(NA_CASES)))
+def test_neighborhood_matches_masked_global_attention(case):
+  name, grid, npre, opts, k, d = NA_CASES[case]
+  x = tokens(grid, npre)
+  valid = jnp.ones(x.shape[:2], bool).at[0, npre + 4].set(False)
+  ctx = AttnContext(grid=grid, num_prefix=npre, valid=valid)
+  compare(build(name, **opts), lambda p, x_: naive_neighborhood(p, x_, grid, npre, k, d, valid)[0],
+          x, ctx, grads=case == 1)
+
+
+def test_neighborhood_special_cases():
+  """k = grid is global attention (with the bias); a corner query's keys are the top-left k x k
+  block (and the last query's the bottom-right one); border queries read shifted bias entries."""
+  grid = (5, 5)
+  x = tokens(grid, 0)
+  compare(build("neighborhood", kernel_size=5), lambda p, x_: naive_neighborhood(
+      p, x_, grid, 0, 5, 1)[0], x, AttnContext(grid=grid, num_prefix=0), grads=False)
+  keys, valid, offset = spatial.neighborhood_2d((7, 7), (3, 3), (1, 1))
+  assert valid.all()
+  assert sorted(keys[0]) == [0, 1, 2, 7, 8, 9, 14, 15, 16]
+  assert sorted(keys[48]) == [32, 33, 34, 39, 40, 41, 46, 47, 48]
+  # query 0 sees offsets (0..2, 0..2): table rows and columns 2..4 of a 5 x 5 table
+  assert sorted(offset[0]) == [r * 5 + c for r in (2, 3, 4) for c in (2, 3, 4)]
+  assert sorted(offset[24]) == [r * 5 + c for r in (1, 2, 3) for c in (1, 2, 3)]  # interior
+  # a dilation group shorter than k is attended whole
+  keys, valid, _ = spatial.neighborhood(4, 7, 2)
+  assert (valid.sum(1) == 2).all() and set(keys[1][valid[1]]) == {1, 3}
+
+
+# ----- MaxViT block and grid attention -----
+def naive_partition(p, x, grid, npre, size, kind):
+  """Block / grid attention as masked global attention: block parts are the P x P windows; grid
+  parts gather the tokens congruent modulo the spacing hp / G; bias at key - query in part units."""
+  n = npre + grid[0] * grid[1]
+  r, c = coords(grid)
+  if kind == "block":
+    part, local = (r // size[0], c // size[1]), (r, c)
+  else:
+    sh, sw = (math.ceil(g / s) for g, s in zip(grid, size))  # the spacing of a padded grid
+    part, local = (r % sh, c % sw), (r // sh, c // sw)
+  allowed = np.zeros((n, n), bool)
+  allowed[:npre] = True
+  allowed[npre:, npre:] = (part[0][:, None] == part[0][None]) & (part[1][:, None] == part[1][None])
+  inside = allowed[npre:, npre:]
+  dy = np.where(inside, local[0][None] - local[0][:, None] + size[0] - 1, 0)
+  dx = np.where(inside, local[1][None] - local[1][:, None] + size[1] - 1, 0)
+  table = p["relative_position_bias_table"][:, dy, dx]
+  bias = jnp.zeros((H, n, n)).at[:, npre:, npre:].set(jnp.where(inside[None], table, 0.0))
+  return naive_masked(p, x, allowed, bias)
+
+
+# (name, grid, prefix, partition size, impl)
+MAXVIT_CASES = [("maxvit_block", (6, 8), 1, (3, 4), "reference"),
+                ("maxvit_grid", (6, 9), 0, (3, 3), "reference"),
+                ("maxvit_grid", (7, 6), 1, (3, 2), "xla")]  # padding: 7 rows in 3 groups
+
+
+@pytest.mark.parametrize("case", range(len(MAXVIT_CASES)))
+def test_maxvit_matches_masked_global_attention(case):
+  name, grid, npre, size, impl = MAXVIT_CASES[case]
+  kind = name.split("_")[1]
+  compare(build(name, impl, partition_size=size), lambda p, x_: naive_partition(
+      p, x_, grid, npre, size, kind)[0], tokens(grid, npre),
+      AttnContext(grid=grid, num_prefix=npre), grads=case == 1)
+
+
+def test_maxvit_grid_is_block_attention_after_the_grid_permutation_and_dina():
+  """grid attention == block attention on the grid-permuted tokens; P = G = h is global attention
+  for both; DiNA with h = delta k equals grid attention with G = k (same table)."""
+  grid, g = (6, 6), (3, 3)
+  x = tokens(grid, 0)
+  ctx = AttnContext(grid=grid, num_prefix=0)
+  block, gridded = build("maxvit_block", partition_size=g), build("maxvit_grid", partition_size=g)
+  p = perturbed(init(gridded, x, ctx))
+  # the permutation that turns each grid group into a 3 x 3 window (groups in raster order)
+  order = np.asarray(spatial.to_grid(np.arange(36).reshape(1, 6, 6), g)).reshape(-1)
+  perm = np.asarray(spatial.from_windows(order.reshape(4, 9), g, grid)).reshape(-1)
+  close(jitted(gridded)(p, x, ctx)[0][:, perm], jitted(block)(p, x[:, perm], ctx)[0], atol=2e-5)
+  dina = build("dilated_neighborhood", kernel_size=3, dilation=2)
+  close(jitted(dina)({"params": {"qkv": p["params"]["qkv"], "proj": p["params"]["proj"],
+                                 "rpb": p["params"]["relative_position_bias_table"]}}, x, ctx)[0],
+        jitted(gridded)(p, x, ctx)[0], atol=2e-5)
+  big = build("maxvit_grid", partition_size=6)
+  pb = perturbed(init(big, x, ctx))
+  close(jitted(big)(pb, x, ctx)[0], jitted(build("maxvit_block", partition_size=6))(pb, x, ctx)[0],
+        atol=2e-5)
+  close(jitted(big)(pb, x, ctx)[0], naive_partition(pb["params"], x, grid, 0, (6, 6), "block")[0],
+        atol=2e-5)
+
+
+def window_reference_case():
+  test_window_matches_masked_global_attention(1, "reference")
+
+
+def neighborhood_reference_case():
+  test_neighborhood_matches_masked_global_attention(0)
+
+
+REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_reference_case,
+                   "neighborhood": neighborhood_reference_case,
+                   "dilated_neighborhood": test_neighborhood_matches_masked_global_attention,
+                   "maxvit_block": test_maxvit_matches_masked_global_attention,
+                   "maxvit_grid": test_maxvit_matches_masked_global_attention}

@@ -1,0 +1,96 @@
+"""S1 `window` and `shifted_window`: Swin's window attention W-MSA and shifted-window SW-MSA (Liu et
+al. 2021, "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows"), following the
+official code (https://github.com/microsoft/Swin-Transformer, models/swin_transformer.py) and timm's
+swin_transformer.py (padding to the window, non-square windows).
+
+Patch tokens of the (h, w) grid attend within non-overlapping ws x ws windows:
+  S = Q K^T / sqrt(d) + B[offset(i, j)] (+ M),  P = softmax(S),  one window per softmax;
+B is the relative position bias, a learned table of (2 ws - 1)^2 entries per head indexed by the
+in-window offset (query - key), initialised N(0, 0.02^2). `shifted_window` first rolls the grid by
+(-shift, -shift) (shift = ws // 2 by default) and adds M = -100 between tokens of a window that
+came from different regions of the unrolled grid, then rolls back: alternating W and SW blocks
+connect neighbouring windows. As in the official code, a window no smaller than the grid becomes
+the grid, and is then not shifted (per axis, as timm). Projections: timm's fused `qkv` and `proj`.
+
+Deviations (own design, named here and in the README):
+- Padding: a grid that is not a multiple of the window is padded at the bottom and right (as timm)
+  and the padded keys get logit -1e9, so padding never receives weight; timm's padded zero tokens
+  are attended. At 224 px every Swin stage divides by 7, so the two agree there.
+- Prefix tokens ([CLS], registers; Swin has none), `cls_mode="global_row"`: each prefix query
+  attends to every token with plain softmax (no position bias), patch queries do not see the prefix
+  tokens. That row is exact, so `cls_probs` is too. `cls_mode="none"` refuses prefix tokens.
+- A key bias or key mask from the context (ToMe's log-sizes, padding) is added to the logits of
+  that key in its window.
+impl "reference" materialises each window's weights; "xla" runs jax.nn.dot_product_attention with
+the windows as the batch and the bias and mask as one [windows, H, T, T] bias.
+"""
+import math
+
+import jax.numpy as jnp
+
+from vitjax.attention import registry
+from vitjax.attention.base import Attention, Capabilities, projection_macs
+from vitjax.attention.spatial import (begin, bias_init, finish, fit_window, from_windows, padded,
+                                      partitioned_attention, shift_mask, table_size, to_windows,
+                                      window_bias)
+
+
+def window_macs(n, width, num_heads, *, window_size, shift_size, num_prefix=1, **_):
+  """Projections of the n tokens, Q K^T and P V of every padded patch over its window's T tokens,
+  and the prefix rows over all n keys (the grid is taken as square)."""
+  del num_heads
+  side = math.isqrt(n - num_prefix)
+  window, _ = fit_window((side, side), window_size, shift_size or 0)
+  hp, wp = padded((side, side), window)
+  return (projection_macs(n, width) + 2 * hp * wp * window[0] * window[1] * width
+          + 2 * num_prefix * n * width)
+
+
+@registry.register(
+    "window", caps=Capabilities(cls_probs="exact", key_metric=False, size_semantics=False,
+                                needs_grid=True, full_attn=False),
+    paper="Swin Transformer: Hierarchical Vision Transformer using Shifted Windows (Liu et al. 2021)",
+    official="https://github.com/microsoft/Swin-Transformer",
+    complexity="O(N ws^2 D)", impls=("reference", "xla"), macs=window_macs)
+class WindowAttention(Attention):
+  """Softmax attention inside ws x ws windows of the patch grid, with relative position bias."""
+  window_size: int = 7          # an int or (wh, ww)
+  shift_size: int = 0           # an int or (sh, sw); None: window // 2
+  rel_pos_bias: bool = True
+  cls_mode: str = "global_row"
+
+  def shift(self):
+    if self.shift_size is not None:
+      return self.shift_size
+    wh, ww = (self.window_size, self.window_size) if isinstance(self.window_size, int) \
+        else self.window_size
+    return wh // 2, ww // 2
+
+  def mix(self, x, q, k, v, bias, ctx, *, need, deterministic):
+    del x
+    grid, npre = begin(self, q, ctx, need)
+    window, shift = fit_window(grid, self.window_size, self.shift())
+    table = None
+    if self.rel_pos_bias:
+      table = self.param("relative_position_bias_table", bias_init(),
+                         (table_size(window), self.num_heads))
+    key_bias = None if bias is None else bias[:, 0, 0, npre:]
+    y = self.windowed(q[:, npre:], k[:, npre:], v[:, npre:], key_bias, table, grid, window, shift,
+                      deterministic)
+    return finish(self, y, q, k, v, bias, ctx, need, deterministic)
+
+  def windowed(self, q, k, v, key_bias, table, grid, window, shift, deterministic):
+    """Patch queries [B, h*w, H, d] over their windows -> [B, h*w, H, d]."""
+    cut = lambda t, fill: to_windows(t, window, shift, fill)  # noqa: E731
+    paste = lambda t: from_windows(t, window, grid, shift)  # noqa: E731
+    bias = None if table is None else window_bias(table.astype(jnp.float32), window)
+    drop = (lambda w: self.dropout_weights(w, deterministic)) if self.dropping(deterministic) \
+        else None
+    return partitioned_attention(q, k, v, key_bias, grid, cut, paste, bias,
+                                 shift_mask(grid, window, shift), impl=self.impl, drop=drop)
+
+
+@registry.register("shifted_window", like="window")
+class ShiftedWindowAttention(WindowAttention):
+  """Swin's SW-MSA: window attention on the grid rolled by (-ws // 2, -ws // 2), with its mask."""
+  shift_size: int = None
