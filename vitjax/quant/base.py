@@ -553,3 +553,48 @@ def restore(path: str, model) -> tuple:
       state[group].setdefault(site, {})[name] = jnp.asarray(z[k])
   cfg["full_precision"] = tuple(cfg["full_precision"])
   return QuantizedModel(model, state, QuantConfig(**cfg)), params
+
+
+# ----------------------------------------------------------------------------- evaluation
+def calibration_images(data_cfg, n: int):
+  """The first n images of the config's train split, with the evaluation preprocessing (no
+  shuffling, no augmentation: the same n images every time)."""
+  from vitjax import data  # pylint: disable=import-outside-toplevel
+  split = data_cfg["train_split"]
+  out, count = [], 0
+  for batch in data.make_eval_batches(data_cfg, global_batch_size=min(n, 256), split=split):
+    keep = np.asarray(batch["mask"]).astype(bool)
+    out.append(np.asarray(batch["image"])[keep])
+    count += int(keep.sum())
+    if count >= n:
+      break
+  images = np.concatenate(out)[:n]
+  if len(images) < n:
+    raise QuantError(f"calib_images={n} but the split {split!r} has {len(images)} images")
+  return images
+
+
+def from_config(config, model, params, label: str = "") -> tuple:
+  """(model, params, label) quantized as `config.quant` says (unchanged without it or with
+  method 'none'): calibration on the first calib_images of config.data's train split."""
+  spec = config.get("quant") if hasattr(config, "get") else None
+  if not spec or spec.get("method", "none") == "none":
+    return model, params, label
+  cfg = make_config(spec)
+  images = calibration_images(config.data, cfg.calib_images)
+  qmodel, params = quantize(model, params, images, cfg)
+  return qmodel, params, f"{label} [{cfg.label}]".strip()
+
+
+def kept_overlap(out_fp: Mapping, out_q: Mapping) -> Optional[float]:
+  """Mean share of the full-precision model's kept tokens that the quantized model keeps too,
+  over the images and the reductions that keep a subset (`out["reductions"]`, index >= 0)."""
+  red_fp, red_q = out_fp.get("reductions", {}), out_q.get("reductions", {})
+  shares = []
+  for block in sorted(red_fp):
+    a, b = np.asarray(red_fp[block]["index"]), np.asarray(red_q[block]["index"])
+    for ra, rb in zip(a, b):
+      kept_a, kept_b = set(ra[ra >= 0].tolist()), set(rb[rb >= 0].tolist())
+      if kept_a:
+        shares.append(len(kept_a & kept_b) / len(kept_a))
+  return float(np.mean(shares)) if shares else None

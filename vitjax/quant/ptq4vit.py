@@ -18,13 +18,14 @@ minimises the squared error of that site's own tensor, in one round.
 """
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from vitjax.quant import registry
 from vitjax.quant.base import Quantizer, round_clip
 
 GELU_MIN = 0.16997124254703522  # -min_x x Phi(x)
-ALPHAS = tuple(float(a) for a in jnp.linspace(0.01, 1.2, 100))
+ALPHAS = tuple(0.01 + i * (1.2 - 0.01) / 99 for i in range(100))
 SPLITS = tuple(range(20))
 
 
@@ -51,17 +52,22 @@ def twin_gelu(x, pos_step, bits: int):
 
 
 def search(x, make, candidates, axis=None):
-  """The candidate c minimising mean (x - make(c))^2 (per channel along `axis` if given)."""
-  best, best_err = None, None
-  for c in candidates:
-    q = make(c)
-    err = jnp.square(x - q)
-    err = err.mean() if axis is None else err.reshape(-1, x.shape[axis]).mean(0)
-    if best is None:
-      best, best_err = jnp.broadcast_to(jnp.asarray(c, jnp.float32), err.shape), err
-      continue
+  """The candidate c minimising mean (x - make(c))^2 (per channel along `axis` if given); the
+  first of equal errors. A scan over the candidates: one compiled step, any number of them."""
+  def err_of(c):
+    err = jnp.square(x - make(c))
+    return err.mean() if axis is None else err.reshape(-1, x.shape[axis]).mean(0)
+
+  cands = jnp.asarray(candidates, jnp.float32)
+  first = err_of(cands[0])
+
+  def step(carry, c):
+    best, best_err = carry
+    err = err_of(c)
     better = err < best_err
-    best, best_err = jnp.where(better, c, best), jnp.where(better, err, best_err)
+    return (jnp.where(better, c, best), jnp.where(better, err, best_err)), None
+
+  (best, _), _ = jax.lax.scan(step, (jnp.full_like(first, cands[0]), first), cands[1:])
   return best
 
 
