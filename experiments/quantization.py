@@ -95,26 +95,25 @@ def accuracy_study(args, on_update, between=None) -> dict:
       between()
     cfg, params, train_s, n_patches = trained[att]
     kinds = qbase.weight_kinds(dict(name=att))
-    for _ in (0,):
-      rcfg = cfg.copy_and_resolve_references()
-      rcfg.model.tokens = reducer_spec(red, n_patches)
-      rmodel = trainer.build_model(rcfg, info)
-      logits, out_fp = jax.jit(lambda p, x, m=rmodel: m.apply({"params": p}, x))(params, images)
-      fp_top1 = top1(logits, labels)
-      res["fp"][f"{att}|{red}"] = dict(top1=fp_top1, train_s=train_s)
-      for method in quant.names():
-        options, mark = method_options(method, kinds)
-        for bits in BITS:
-          t = time.perf_counter()
-          qm, qp = quant.quantize(rmodel, params, calib, dict(method=method, bits=bits, **options))
-          logits, out_q = qm.apply({"params": qp}, images)
-          row = dict(attention=att, reducer=red, method=method + mark, bits=bits,
-                     top1=top1(logits, labels), fp_top1=fp_top1,
-                     overlap=qbase.kept_overlap(out_fp, out_q) if red == "evit" else None,
-                     seconds=time.perf_counter() - t)
-          res["rows"].append(row)
-          print(json.dumps(row), flush=True)
-        on_update(res)
+    rcfg = cfg.copy_and_resolve_references()
+    rcfg.model.tokens = reducer_spec(red, n_patches)
+    rmodel = trainer.build_model(rcfg, info)
+    logits, out_fp = jax.jit(lambda p, x, m=rmodel: m.apply({"params": p}, x))(params, images)
+    fp_top1 = top1(logits, labels)
+    res["fp"][f"{att}|{red}"] = dict(top1=fp_top1, train_s=train_s)
+    for method in quant.names():
+      options, mark = method_options(method, kinds)
+      for bits in BITS:
+        t = time.perf_counter()
+        qm, qp = quant.quantize(rmodel, params, calib, dict(method=method, bits=bits, **options))
+        logits, out_q = qm.apply({"params": qp}, images)
+        row = dict(attention=att, reducer=red, method=method + mark, bits=bits,
+                   top1=top1(logits, labels), fp_top1=fp_top1,
+                   overlap=qbase.kept_overlap(out_fp, out_q) if red == "evit" else None,
+                   seconds=time.perf_counter() - t)
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+      on_update(res)
   return res
 
 
@@ -254,6 +253,8 @@ def main():
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--speed_batch", type=int, default=16)
   p.add_argument("--skip_speed", action="store_true")
+  p.add_argument("--keep_speed", action="store_true",
+                 help="keep the speed figures of an earlier quantization.json in --out_dir")
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args()
   args.attentions = args.attentions.split(",")
@@ -261,6 +262,10 @@ def main():
     args.steps, args.calib, args.rounds = 4, 8, 1
   os.makedirs(args.out_dir, exist_ok=True)
   res = {}
+  earlier = os.path.join(args.out_dir, "quantization.json")
+  if args.keep_speed and os.path.exists(earlier):
+    with open(earlier) as f:
+      res["speed"] = json.load(f).get("speed", {})
 
   def write(acc):
     res["accuracy"] = acc

@@ -246,3 +246,23 @@ def test_linear_attention_factors_and_evit_overlap(trained_like):
   _, out_q = qm.apply({"params": qp}, x)
   share = base.kept_overlap(out_fp, out_q)
   assert 0.0 <= share <= 1.0
+
+
+def test_evaluate_takes_a_quantization_choice(tmp_path):
+  """python -m vitjax.evaluate with configs/quant_imagenet.py (the digits smoke variant) on an
+  exported big_vision file: the row names the quantization."""
+  import importlib.util
+  import os
+  from vitjax import checkpoints, evaluate
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("quant_cfg",
+                                                os.path.join(root, "configs", "quant_imagenet.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config("smoke=True,method=minmax,bits=W8A8,calib=8")
+  model = tiny_vit(patch_size=2)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+  path = str(tmp_path / "tiny.npz")
+  checkpoints.save(path, params, model)
+  rows = evaluate.run(config, path, runs=1, throughput_batch=8)
+  assert rows[0]["model"].endswith("[minmax W8A8]") and 0 <= rows[0]["top1"] <= 100

@@ -29,7 +29,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import flax
 import flax.linen as nn
@@ -39,7 +39,7 @@ import numpy as np
 
 # what feeds an activation site
 KINDS = ("post_ln", "post_gelu", "linear", "query", "key", "value", "softmax", "weights",
-         "factor", "norm_input")
+         "left", "right", "norm_input")
 # layers that may stay in full precision (weights and inputs): the patch embedding and the head
 FP_LAYERS = ("embedding", "head")
 BIT_WIDTHS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A4": (4, 4)}
@@ -81,10 +81,6 @@ def symmetric_params(absmax, bits: int) -> dict:
   absmax = jnp.asarray(absmax, jnp.float32)
   scale = jnp.maximum(absmax / (2 ** (bits - 1) - 1), 1e-8)
   return {"scale": scale, "zero": jnp.full_like(scale, 2 ** (bits - 1))}
-
-
-def mse(a, b):
-  return jnp.mean(jnp.square(a - b))
 
 
 def channel_minmax(w):

@@ -28,8 +28,7 @@ import flax
 import jax.numpy as jnp
 
 from vitjax.quant import registry
-from vitjax.quant.base import (Quantizer, calibrate_weights, percentile_search, round_clip,
-                               site_key)
+from vitjax.quant.base import Quantizer, calibrate_weights, percentile_search, site_key
 
 PCTS = (0.999, 0.9999, 0.99999)
 PAIRS = (("norm1", ("attn", "qkv")), ("norm2", ("mlp", "fc1")))
@@ -106,5 +105,3 @@ class RepQViT(Quantizer):
         params, cfg, self, [c for c in changed if c in state["weights"]]))
     return params, state
 
-
-__all__ = ["RepQViT", "log_sqrt2", "reparameterise_pair", "round_clip"]
