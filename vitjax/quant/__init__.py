@@ -6,8 +6,8 @@
 """
 from vitjax.quant import registry
 from vitjax.quant.base import (BIT_WIDTHS, FP_LAYERS, QuantConfig, QuantError,  # noqa: F401
-                               QuantizedModel, calibrate, make_config, quantize,
-                               quantized_apply, restore, save)
+                               QuantizedModel, calibrate, from_config, kept_overlap, make_config,
+                               quantize, quantized_apply, restore, save)
 # registration order = the README table's order
 from vitjax.quant import minmax, percentile, ptq4vit, repq_vit, fq_vit  # noqa: F401,E402
 
