@@ -56,7 +56,7 @@ def reducer_spec(name: str, num_patches: int):
     return dict(name="none")
   if name == "evit":
     return dict(name="evit", keep_rate=0.5, locations=(1,))
-  return dict(name="tome", r=num_patches // 2, locations=(1,))  # as many tokens as EViT drops
+  return dict(name="tome", keep_rate=0.5, locations=(1,))  # merges as many as EViT drops
 
 
 def method_options(method: str, attention_kinds) -> tuple:
@@ -90,6 +90,7 @@ def accuracy_study(args, on_update, between=None) -> dict:
   order = ([("none", a) for a in args.attentions]
            + [(r, args.attentions[0]) for r in REDUCERS[1:]]
            + [(r, a) for r in REDUCERS[1:] for a in args.attentions[1:]])
+  order = [o for o in order if o[0] in args.reducers]
   for i, (red, att) in enumerate(order):
     if i == len(args.attentions) + len(REDUCERS) - 1 and between is not None:
       between()
@@ -249,6 +250,7 @@ def main():
   p.add_argument("--attentions", default="mhsa,sigmoid,relu,linear_elu")
   p.add_argument("--steps", type=int, default=1000)
   p.add_argument("--calib", type=int, default=32)
+  p.add_argument("--reducers", default=",".join(REDUCERS))
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--speed_batch", type=int, default=16)
@@ -258,6 +260,7 @@ def main():
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args()
   args.attentions = args.attentions.split(",")
+  args.reducers = args.reducers.split(",")
   if args.smoke:
     args.steps, args.calib, args.rounds = 4, 8, 1
   os.makedirs(args.out_dir, exist_ok=True)
