@@ -9,7 +9,9 @@ EViT and ToMe tables), printed as a markdown table and written as JSON.
 --ema for the EMA parameters; read by `vitjax.loading.restore`), or a timm (.safetensors/.pth) /
 big_vision (.npz) file. Without it the config's init_from is used. The rows go to --output, by
 default `evaluation.json` in the training workdir evaluated (beside a timm/big_vision file:
-`<file>.evaluation.json`); the last line printed says where. --keep_rates evaluates the
+`<file>.evaluation.json`); the last line printed says where. A config with a `quant` field
+(method, bits, calib_images, ...; see `vitjax.quant`) evaluates the post-training quantized model
+instead (configs/quant_imagenet.py). --keep_rates evaluates the
 same weights at several keep rates (one row each). Throughput: jit-compiled forward, warmed up,
 median of --runs timed runs on device-resident random inputs of --throughput_batch images (the
 input pipeline is not timed).
@@ -26,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vitjax import checkpoints, loading, models
+from vitjax import checkpoints, loading, models, quant
 from vitjax import tokens as tokens_lib
 from vitjax.train import mesh as mesh_lib
 from vitjax.train import trainer
@@ -154,7 +156,8 @@ def run(config, checkpoint: Optional[str] = None, *, keep_rates: Sequence = (Non
     model = build(cfg, info, checkpoint)
     if params is None:  # reducers here have no parameters: one load serves every keep rate
       params, label, stats = load_params(cfg, model, info, checkpoint, ema=ema, step=step)
-    rows.append(evaluate_model(cfg, model, params, info, label=label,
+    qmodel, qparams, qlabel = quant.from_config(cfg, model, params, label)  # config.quant
+    rows.append(evaluate_model(cfg, qmodel, qparams, info, label=qlabel,
                                throughput_batch=throughput_batch or config.batch_size, runs=runs,
                                batch_stats=stats))
   if output:
@@ -199,7 +202,7 @@ def main(argv):
   try:
     rows = run(f.config, f.checkpoint, keep_rates=rates, ema=f.ema, step=f.step,
                throughput_batch=f.throughput_batch, runs=f.runs, output=output)
-  except (loading.LoadError, checkpoints.CheckpointMismatch) as e:
+  except (loading.LoadError, checkpoints.CheckpointMismatch, quant.QuantError) as e:
     # Errors about what was given, not the code: the message is the whole story.
     print(f"error: {e}", file=sys.stderr, flush=True)
     sys.exit(1)

@@ -314,6 +314,13 @@ class Attention(nn.Module):
     for impl != "reference" when `weight_fn` is softmax, else none."""
     return None
 
+  def quant_point(self, kind: str, x):
+    """The identity; where post-training quantization (`vitjax.quant`) quantizes an input of the
+    attention core's matmuls (kind: query, key, value, softmax or other weights, the factors
+    left / right of the factored family). Only materialised weights pass here."""
+    del kind
+    return x
+
   def head_dim(self, width: int) -> int:
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
@@ -361,13 +368,15 @@ class Attention(nn.Module):
     needed (`attn`, attention dropout); its [CLS] row is then recomputed from `weights` for that
     one query. keys: what `key_metric` reads (default k).
     """
+    kind = "softmax" if weights is None else "weights"
     if weights is None:
       weights = softmax_weights
       if fused is None and self.impl != "reference":
         fused = functools.partial(fused_softmax, impl=self.impl)
     probs = None
     if fused is None or "attn" in need or self.dropping(deterministic):
-      probs = weights(q, k, bias)
+      q, k, v = (self.quant_point(n, t) for n, t in (("query", q), ("key", k), ("value", v)))
+      probs = self.quant_point(kind, weights(q, k, bias))
       y = weighted_values(self.dropout_weights(probs, deterministic).astype(v.dtype), v)
     else:
       y = fused(q, k, v, bias)
@@ -383,6 +392,8 @@ class Attention(nn.Module):
     [CLS] row is exact either way (L_cls R, O(r M)). drop_factors: attention dropout acts on L and
     R instead (agent attention's official form).
     """
+    left, right = self.quant_point("left", left), self.quant_point("right", right)
+    v = self.quant_point("value", v)
     dropping = self.dropping(deterministic)
     probs = None
     if materialise or "attn" in need or (dropping and not drop_factors):
