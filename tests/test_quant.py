@@ -1,6 +1,8 @@
 """Post-training quantization: each quantizer against a hand-written formula, RepQ-ViT's exact
 reparameterisation, the int8 path against fake-quant, deterministic calibration, save/restore,
-the quantizer x attention check and the EViT kept-set overlap."""
+the quantizer x attention check and the EViT kept-set overlap; I-ViT's integer operators by hand.
+One tiny model and one batch for the whole file; each method compiles its calibration and apply
+once (the bit widths are traced), shared through the module-scoped `quantized` cache."""
 import math
 
 import jax
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 
 from vitjax import models, quant
-from vitjax.quant import base, fq_vit, ptq4vit, repq_vit
+from vitjax.quant import base, fq_vit, i_vit, ptq4vit, repq_vit
 
 RNG = np.random.default_rng(0)
 
@@ -29,13 +31,27 @@ def tiny_vit(**kw):
 def trained_like():
   """A tiny ViT with perturbed (non-trivial) weights and a batch of images."""
   model = tiny_vit()
-  x = jax.random.normal(jax.random.key(0), (16, 8, 8, 1))
+  x = jax.random.normal(jax.random.key(0), (8, 8, 8, 1))
   params = model.init(jax.random.key(1), x)["params"]
   leaves, tree = jax.tree_util.tree_flatten(params)
   keys = jax.random.split(jax.random.key(2), len(leaves))
   params = jax.tree_util.tree_unflatten(
       tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
   return model, params, x
+
+
+@pytest.fixture(scope="module")
+def quantized(trained_like):
+  """(method, bits, integer) -> (QuantizedModel, params), each calibrated once."""
+  model, params, x = trained_like
+  cache = {}
+
+  def get(method, bits="W8A8", integer=False):
+    if (method, bits, integer) not in cache:
+      cache[method, bits, integer] = quant.quantize(
+          model, params, x, dict(method=method, bits=bits, integer=integer))
+    return cache[method, bits, integer]
+  return get
 
 
 # ----------------------------------------------------------------------------- the formulas
@@ -168,10 +184,10 @@ def test_integer_dense_equals_fake_quant():
   np.testing.assert_allclose(got, fake, rtol=1e-5, atol=1e-4)
 
 
-def test_integer_model_agrees_with_fake_quant(trained_like):
-  model, params, x = trained_like
-  qi, pi = quant.quantize(model, params, x, dict(method="minmax", bits="W8A8", integer=True))
-  qf, pf = quant.quantize(model, params, x, dict(method="minmax", bits="W8A8"))
+def test_integer_model_agrees_with_fake_quant(trained_like, quantized):
+  _, _, x = trained_like
+  qi, pi = quantized("minmax", integer=True)
+  qf, pf = quantized("minmax")
   yi, yf = qi.apply({"params": pi}, x)[0], qf.apply({"params": pf}, x)[0]
   # equal up to float rounding, which may flip a code near a rounding boundary downstream
   assert float(jnp.abs(yi - yf).max()) < 0.05 * float(jnp.abs(yf).max())
@@ -179,24 +195,24 @@ def test_integer_model_agrees_with_fake_quant(trained_like):
 
 
 @pytest.mark.parametrize("method", quant.names())
-def test_every_quantizer_runs_and_is_deterministic(trained_like, method):
+def test_every_quantizer_runs_and_is_deterministic(trained_like, quantized, method):
   model, params, x = trained_like
   ref = model.apply({"params": params}, x)[0]
-  q1, p1 = quant.quantize(model, params, x, dict(method=method, bits="W8A8"))
-  q2, _ = quant.quantize(model, params, x, dict(method=method, bits="W8A8"))
+  q1, p1 = quantized(method)
+  q2, _ = quant.quantize(model, params, x, dict(method=method, bits="W8A8"))  # compiled: cached
   assert jax.tree_util.tree_structure(q1.state) == jax.tree_util.tree_structure(q2.state)
   for a, b in zip(jax.tree_util.tree_leaves(q1.state), jax.tree_util.tree_leaves(q2.state)):
     np.testing.assert_array_equal(a, b)  # calibration is deterministic
   y8 = q1.apply({"params": p1}, x)[0]
-  q4, p4 = quant.quantize(model, params, x, dict(method=method, bits="W4A4"))
+  q4, p4 = quantized(method, "W4A4")
   y4 = q4.apply({"params": p4}, x)[0]
   e8, e4 = float(jnp.abs(y8 - ref).mean()), float(jnp.abs(y4 - ref).mean())
   assert 0 < e8 < e4  # quantized, and 4 bits lose more than 8
 
 
-def test_save_and_restore(trained_like, tmp_path):
-  model, params, x = trained_like
-  qm, qp = quant.quantize(model, params, x, dict(method="repq_vit", bits="W6A6"))
+def test_save_and_restore(trained_like, quantized, tmp_path):
+  model, _, x = trained_like
+  qm, qp = quantized("repq_vit", "W6A6")
   path = str(tmp_path / "q.npz")
   quant.save(path, qm, qp)
   qm2, qp2 = quant.restore(path, model)
@@ -210,13 +226,15 @@ def test_softmax_quantizers_name_the_valid_pairs(trained_like):
   _, _, x = trained_like
   model = tiny_vit(attention=dict(name="relu"))
   params = model.init(jax.random.key(0), x)["params"]
-  with pytest.raises(quant.QuantError, match="valid pairs: repq_vit with .*mhsa"):
-    quant.quantize(model, params, x, dict(method="repq_vit", bits="W8A8"))
+  for method in ("repq_vit", "i_vit"):
+    with pytest.raises(quant.QuantError, match=f"valid pairs: {method} with .*mhsa"):
+      quant.quantize(model, params, x, dict(method=method, bits="W8A8"))
   qm, qp = quant.quantize(model, params, x, dict(method="repq_vit", bits="W8A8",
                                                  attention_weights="uniform"))
   assert "block_0/attn:weights" in qm.state["acts"]
   assert ("minmax", "relu") in quant.registry.valid_pairs(["relu"])
   assert ("repq_vit", "relu") not in quant.registry.valid_pairs(["relu"])
+  assert ("i_vit", "relu") not in quant.registry.valid_pairs(["relu"])
 
 
 @pytest.mark.parametrize("spec,match", [
@@ -224,7 +242,7 @@ def test_softmax_quantizers_name_the_valid_pairs(trained_like):
     (dict(method="minmax", bits="8"), "bits must look like 'W8A8'"),
     (dict(method="minmax", bits="W9A8"), "w_bits=9 is outside 2..8"),
     (dict(method="percentile", q=3), r"no option\(s\) \['q'\]; valid options: \['p'\]"),
-    (dict(method="ptq4vit", integer=True), "methods with an integer path: fq_vit, minmax"),
+    (dict(method="ptq4vit", integer=True), "methods with an integer path: fq_vit, i_vit, minmax"),
     (dict(method="minmax", full_precision=("norm",)), "valid: \\('embedding', 'head'\\)"),
 ])
 def test_bad_choices_say_what_would_work(spec, match):
@@ -266,3 +284,74 @@ def test_evaluate_takes_a_quantization_choice(tmp_path):
   checkpoints.save(path, params, model)
   rows = evaluate.run(config, path, runs=1, throughput_batch=8)
   assert rows[0]["model"].endswith("[minmax W8A8]") and 0 <= rows[0]["top1"] <= 100
+
+
+# ----------------------------------------------------------------------------- I-ViT's operators
+def naive_exp_shift(v, s, n):
+  """The official int_exp_shift on one integer code, in Python floats."""
+  v = v + math.floor(v / 2) - math.floor(v / 16)
+  x0 = math.floor(-1 / s)
+  v = max(v, n * x0)
+  q = math.floor(v / x0)
+  r = v - x0 * q
+  return max(math.floor((r / 2 - x0) * 2 ** (n - q)), 0)
+
+
+def test_i_vit_shiftmax_by_hand_and_against_softmax():
+  s = 0.05
+  x = np.round(RNG.normal(scale=40, size=(3, 7)))
+  got = np.asarray(i_vit.shiftmax(jnp.asarray(x, jnp.float32), s))
+  for row, out in zip(x, got):
+    e = [naive_exp_shift(v - row.max(), s, 15) for v in row]
+    factor = (2 ** 31 - 1) // min(sum(e), 2 ** 31 - 1)
+    np.testing.assert_array_equal(out, [math.floor(v * factor / 2 ** 16) for v in e])
+  # against the float softmax: the shift exponent is within a few percent of e^x
+  ref = np.asarray(jax.nn.softmax(jnp.asarray(x * s), -1))
+  np.testing.assert_allclose(got / 2 ** 15, ref, atol=0.03)
+
+
+def test_i_vit_shift_gelu_by_hand_and_against_gelu():
+  s = 0.02
+  x = np.round(RNG.normal(scale=60, size=(2, 9)))
+  got, out_scale = i_vit.shift_gelu(jnp.asarray(x, jnp.float32), s)
+  assert float(out_scale) == pytest.approx(s / 2 ** 7)
+  for row, out in zip(x, np.asarray(got)):
+    m = row.max()
+    want = []
+    for v in row:
+      e, e_max = naive_exp_shift(v - m, s * 1.702, 23), naive_exp_shift(-m, s * 1.702, 23)
+      factor = (2 ** 31 - 1) // min(e + e_max, 2 ** 31 - 1)
+      want.append(v * math.floor(e * factor / 2 ** 24))
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+  # against the float x sigmoid(1.702 x) it approximates: the shift exponent's linear 2^r is off
+  # by up to ~6%, the 8-bit sigmoid by 1/128
+  ref = x * s / (1 + np.exp(-1.702 * x * s))
+  np.testing.assert_allclose(np.asarray(got) * float(out_scale), ref, rtol=0.1, atol=0.02)
+
+
+def test_i_vit_layernorm_integer_sqrt_and_against_layernorm():
+  for v in (2 ** 20, 123456789, 2 ** 31 + 5):  # the 16-bit residual regime the iteration is for
+    assert int(i_vit.int_sqrt(jnp.float32(v))) == math.isqrt(int(np.float32(v)))
+  assert int(i_vit.int_sqrt(jnp.float32(100))) == 64  # ten halvings from 2^16: official, too
+  x = np.round(RNG.normal(scale=3000, size=(4, 16)))
+  gamma = RNG.uniform(0.5, 1.5, 16).astype(np.float32)
+  beta = RNG.normal(scale=0.1, size=16).astype(np.float32)
+  got = np.asarray(i_vit.i_layernorm(jnp.asarray(x, jnp.float32), gamma, beta))
+  scale = math.sqrt(16) / 2 ** 30
+  for row, out in zip(x, got):
+    y = row - round(row.mean())
+    std = math.isqrt(int(np.sum(y * y)))
+    codes = np.floor(y * ((2 ** 31 - 1) // std) / 2) + np.floor(beta / gamma / scale)
+    np.testing.assert_allclose(out, codes * scale * gamma, rtol=1e-4, atol=1e-5)
+  ref = (x - x.mean(-1, keepdims=True)) / x.std(-1, keepdims=True) * gamma + beta
+  np.testing.assert_allclose(got, ref, atol=2e-3)
+
+
+def test_i_vit_dyadic_requantization_by_hand():
+  s_in, s_out = 0.0123, 0.0871
+  z = np.arange(-300, 301, 7)
+  got = np.asarray(i_vit.dyadic_requant(jnp.asarray(z), s_in, s_out, 8))
+  mant, exp = math.frexp(np.float32(s_in / s_out))
+  m, e = math.floor(mant * 2 ** 15 + 0.5), 15 - exp
+  np.testing.assert_array_equal(got, [min(max((v * m + 2 ** (e - 1)) >> e, -128), 127) for v in z])
+  assert np.abs(got - np.clip(np.round(z * s_in / s_out), -128, 127)).max() <= 1

@@ -9,7 +9,7 @@ from vitjax.quant.base import (BIT_WIDTHS, FP_LAYERS, QuantConfig, QuantError,  
                                QuantizedModel, calibrate, from_config, kept_overlap, make_config,
                                quantize, quantized_apply, restore, save)
 # registration order = the README table's order
-from vitjax.quant import minmax, percentile, ptq4vit, repq_vit, fq_vit  # noqa: F401,E402
+from vitjax.quant import minmax, percentile, ptq4vit, repq_vit, fq_vit, i_vit  # noqa: F401,E402
 
 get = registry.get
 names = registry.names

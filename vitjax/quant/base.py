@@ -39,7 +39,7 @@ import numpy as np
 
 # what feeds an activation site
 KINDS = ("post_ln", "post_gelu", "linear", "query", "key", "value", "softmax", "weights",
-         "left", "right", "norm_input")
+         "left", "right", "norm_input", "pre_gelu")
 # layers that may stay in full precision (weights and inputs): the patch embedding and the head
 FP_LAYERS = ("embedding", "head")
 BIT_WIDTHS = {"W8A8": (8, 8), "W6A6": (6, 6), "W4A4": (4, 4)}
@@ -237,6 +237,7 @@ class Quantizer:
   needs_softmax: bool = False        # has a quantizer made for softmax weights
   uniform_dense_inputs: bool = True  # every Dense input uniform per tensor (the int8 path)
   quantizes_norm_inputs: bool = False
+  replaces_gelu: bool = False        # computes fc2's input from fc1's output (`gelu`)
 
   def __init__(self, **options):
     fields = {f.name: f.default for f in dataclasses.fields(self.options_cls)}
@@ -266,6 +267,15 @@ class Quantizer:
 
   def quantize(self, kind: str, x, params: dict, bits: int):
     return uniform(x, params["scale"], params["zero"], bits)
+
+  def layer_norm(self, x, params: dict, gamma, beta):
+    """A LayerNorm of its quantized input x computed by the method; None: the float one."""
+    del x, params, gamma, beta
+    return None
+
+  def gelu(self, x, params: dict):
+    """fc2's input from fc1's quantized output (only where `replaces_gelu`)."""
+    raise NotImplementedError
 
   def reparameterise(self, model, params, state, images, cfg):
     """(params, state) after the first calibration pass; default unchanged."""
@@ -318,6 +328,7 @@ class _Run:
   state: dict
   calibrating: bool = False
   trace: Optional[dict] = None  # site -> (input, output) for tests
+  fc1_out: dict = dataclasses.field(default_factory=dict)  # MLP path -> fc1's output (gelu)
 
   def act(self, kind: str, key: str, x):
     acts = self.state["acts"]
@@ -332,6 +343,16 @@ class _Run:
       self.trace[key] = (x, y)
     return y
 
+  def method_gelu(self, path: tuple, x):
+    """fc2's input as the method computes it from fc1's output, itself a quantized site."""
+    pre = self.fc1_out.pop(path[:-1], None)
+    if pre is None:
+      raise QuantError(f"{'/'.join(path)} has no fc1 before it in the same module; quantizer "
+                       f"{self.quantizer.name!r} computes its GELU from fc1's output")
+    key = site_key(path[:-1] + ("fc1",), "pre_gelu")
+    pre = self.act("pre_gelu", key, pre)
+    return self.quantizer.gelu(pre, self.state["acts"][key]).astype(x.dtype)
+
   def __call__(self, next_fun, args, kwargs, context):
     module, method = context.module, context.method_name
     if method == "quant_point":
@@ -343,15 +364,26 @@ class _Run:
         return next_fun(*args, **kwargs)
       kind = dense_kind(path)
       key = site_key(path, kind)
-      x = self.act(kind, key, args[0])
+      x = args[0]
+      if kind == "post_gelu" and self.quantizer.replaces_gelu:
+        x = self.method_gelu(path, x)
+      x = self.act(kind, key, x)
       if self.cfg.integer:
-        return integer_dense(module, x, self.state, key, path, self.cfg)
-      return next_fun(x, *args[1:], **kwargs)
+        y = integer_dense(module, x, self.state, key, path, self.cfg)
+      else:
+        y = next_fun(x, *args[1:], **kwargs)
+      if path[-1] == "fc1" and self.quantizer.replaces_gelu:
+        self.fc1_out[path[:-1]] = y
+      return y
     if (isinstance(module, nn.LayerNorm) and method == "__call__"
         and self.quantizer.quantizes_norm_inputs):
       path = module_path(module)
-      x = self.act("norm_input", site_key(path, "norm_input"), args[0])
-      return next_fun(x, *args[1:], **kwargs)
+      key = site_key(path, "norm_input")
+      x = self.act("norm_input", key, args[0])
+      prm = module.variables["params"]
+      y = self.quantizer.layer_norm(x, self.state["acts"][key], prm.get("scale", 1.0),
+                                    prm.get("bias", 0.0))
+      return next_fun(x, *args[1:], **kwargs) if y is None else y.astype(x.dtype)
     return next_fun(*args, **kwargs)
 
 
