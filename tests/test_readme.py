@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from vitjax import attention, models, tables, tokens
+from vitjax import attention, models, quant, tables, tokens
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -20,6 +20,7 @@ def test_readme_table_is_the_generated_one(name):
 
 def test_every_registered_name_is_in_the_readme():
   text = open(README).read()
-  names = attention.names() + tokens.names() + [f"{v}/<patch>" for v in models.VARIANTS]
+  names = (attention.names() + tokens.names() + quant.names()
+           + [f"{v}/<patch>" for v in models.VARIANTS])
   missing = [n for n in names if f"`{n}`" not in text]
   assert not missing, f"add these to the README tables (python -m vitjax.tables): {missing}"

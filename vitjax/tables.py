@@ -3,10 +3,11 @@
   python -m vitjax.tables              # print them
   python -m vitjax.tables README.md    # rewrite the tables between their markers in README.md
 """
+import dataclasses
 import re
 import sys
 
-from vitjax import attention, models, tokens
+from vitjax import attention, models, quant, tokens
 
 
 def yes_no(flag: bool) -> str:
@@ -53,7 +54,22 @@ def backbone_table() -> str:
   return "\n".join(rows)
 
 
-TABLES = {"attention": attention_table, "tokens": tokens_table, "backbones": backbone_table}
+def quant_table() -> str:
+  """One row per registered quantizer, in registration order, from its registry entry and its
+  class's contract (needs_softmax, uniform_dense_inputs, options)."""
+  rows = ["| quantizer | what it does | needs softmax | int8 path | options | paper | official "
+          "code |", "|---|---|---|---|---|---|---|"]
+  for name in quant.registry.in_order():
+    e = quant.get(name)
+    opts = ", ".join(f"`{f.name}`" for f in dataclasses.fields(e.cls.options_cls)) or "-"
+    code = f"[code]({e.official})" if e.official else "-"
+    rows.append(f"| `{name}` | {e.summary} | {yes_no(e.needs_softmax)} | "
+                f"{yes_no(e.cls.uniform_dense_inputs)} | {opts} | {e.paper} | {code} |")
+  return "\n".join(rows)
+
+
+TABLES = {"attention": attention_table, "tokens": tokens_table, "backbones": backbone_table,
+          "quant": quant_table}
 
 
 def update(path: str):

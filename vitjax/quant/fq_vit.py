@@ -39,8 +39,12 @@ def ptf_params(x, bits: int, k: int = 3) -> dict:
   return {"scale": s1 * 2.0 ** jnp.argmin(errs, axis=0), "zero": base["zero"]}
 
 
-@registry.register("fq_vit", paper="FQ-ViT (Lin et al. 2022), power-of-two factor and "
-                   "log-int-softmax", official="https://github.com/megvii-research/FQ-ViT")
+@registry.register(
+    "fq_vit",
+    summary="power-of-two factor for LayerNorm inputs; log2 (4-bit) softmax; min-max "
+    "elsewhere",
+    paper="FQ-ViT (Lin et al. 2022), power-of-two factor and "
+    "log-int-softmax", official="https://github.com/megvii-research/FQ-ViT")
 class FQViT(Quantizer):
   """PTF at LayerNorm inputs, log2 softmax, min-max elsewhere."""
   needs_softmax = True

@@ -123,8 +123,12 @@ def codes(x, params):
   return jnp.round(x / params["scale"])
 
 
-@registry.register("i_vit", paper="I-ViT (Li & Gu 2023), Shiftmax, ShiftGELU, I-LayerNorm",
-                   official="https://github.com/zkkli/I-ViT")
+@registry.register(
+    "i_vit",
+    summary="integer-only Shiftmax, ShiftGELU and I-LayerNorm (integer sqrt) on the "
+    "codes; symmetric min-max elsewhere, LayerNorm inputs at 16 bits",
+    paper="I-ViT (Li & Gu 2023), Shiftmax, ShiftGELU, I-LayerNorm",
+    official="https://github.com/zkkli/I-ViT")
 class IViT(Quantizer):
   """Symmetric min-max sites; Shiftmax, ShiftGELU and I-LayerNorm on integer codes."""
   needs_softmax = True

@@ -13,8 +13,11 @@ from vitjax.quant import registry
 from vitjax.quant.base import Quantizer, channel_minmax, minmax_params
 
 
-@registry.register("minmax", paper="Jacob et al. 2018 (uniform affine quantization, min-max "
-                   "ranges)")
+@registry.register(
+    "minmax",
+    summary="min-max ranges; weights asymmetric per channel, activations per tensor",
+    paper="Jacob et al. 2018 (uniform affine quantization, min-max "
+    "ranges)")
 class MinMax(Quantizer):
   """Min-max ranges everywhere."""
 

@@ -18,10 +18,13 @@ from vitjax.quant import registry
 from vitjax.quant.base import QuantError, Quantizer, channel_minmax, minmax_params
 
 
-@registry.register("percentile", paper="Wu et al. 2020, Integer Quantization for Deep Learning "
-                   "Inference (percentile calibration)",
-                   official="https://github.com/NVIDIA/TensorRT/tree/release/10.0/tools/"
-                   "pytorch-quantization")
+@registry.register(
+    "percentile",
+    summary="activations clipped at the [1-p, p] quantiles (p = 0.9999)",
+    paper="Wu et al. 2020, Integer Quantization for Deep Learning "
+    "Inference (percentile calibration)",
+    official="https://github.com/NVIDIA/TensorRT/tree/release/10.0/tools/"
+    "pytorch-quantization")
 class Percentile(Quantizer):
   """Per-tensor activation ranges at the p-th quantiles."""
 

@@ -71,8 +71,12 @@ def search(x, make, candidates, axis=None):
   return best
 
 
-@registry.register("ptq4vit", paper="PTQ4ViT (Yuan et al. 2022), twin uniform quantization",
-                   official="https://github.com/hahnyuan/PTQ4ViT")
+@registry.register(
+    "ptq4vit",
+    summary="twin uniform for post-softmax and post-GELU; symmetric scale search "
+    "elsewhere",
+    paper="PTQ4ViT (Yuan et al. 2022), twin uniform quantization",
+    official="https://github.com/hahnyuan/PTQ4ViT")
 class PTQ4ViT(Quantizer):
   """Twin uniform for post-softmax and post-GELU, symmetric scale search elsewhere."""
   needs_softmax = True

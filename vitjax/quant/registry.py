@@ -15,6 +15,7 @@ class Entry:
   cls: Any
   paper: str = ""
   official: str = ""
+  summary: str = ""
 
   def make(self, options: Mapping = None):
     return self.cls(**dict(options or {}))
@@ -24,19 +25,25 @@ class Entry:
     return self.cls.needs_softmax
 
 
-def register(name: str, *, paper: str = "", official: str = ""):
-  """Class decorator: makes `name` selectable as `config.quant.method`."""
+def register(name: str, *, paper: str = "", official: str = "", summary: str = ""):
+  """Class decorator: makes `name` selectable as `config.quant.method`; summary: what it does, in
+  one line (the README's quantizer table)."""
   def deco(cls):
     if name in _REGISTRY:
       raise ValueError(f"quantizer {name!r} registered twice")
     cls.name = name
-    _REGISTRY[name] = Entry(name, cls, paper, official)
+    _REGISTRY[name] = Entry(name, cls, paper, official, summary)
     return cls
   return deco
 
 
 def names() -> list:
   return sorted(_REGISTRY)
+
+
+def in_order() -> list:
+  """The names in registration order (the README table's order)."""
+  return list(_REGISTRY)
 
 
 def get(name: str) -> Entry:

@@ -63,8 +63,12 @@ def reparameterise_pair(norm: dict, dense: dict, act: dict):
   return new_norm, new_dense, {"scale": s_t, "zero": z_t}
 
 
-@registry.register("repq_vit", paper="RepQ-ViT (Li et al. 2023), scale reparameterisation and "
-                   "log-sqrt(2) softmax", official="https://github.com/zkkli/RepQ-ViT")
+@registry.register(
+    "repq_vit",
+    summary="per-channel post-LayerNorm scales reparameterised into the LayerNorm and "
+    "the next layer; log-sqrt(2) softmax; percentile-search uniform elsewhere",
+    paper="RepQ-ViT (Li et al. 2023), scale reparameterisation and "
+    "log-sqrt(2) softmax", official="https://github.com/zkkli/RepQ-ViT")
 class RepQViT(Quantizer):
   """Per-channel post-LayerNorm scales folded into the LayerNorm and the next layer."""
   needs_softmax = True
