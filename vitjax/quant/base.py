@@ -6,7 +6,9 @@ A quantizer (one file per method, see `registry`) decides how each *site* is qua
                (`qkv`, `fc1`, ...), post-GELU (`fc2`), other linear inputs (`proj`, `head`); the
                attention core's matmul inputs (query, key, value; softmax or other weights;
                the factors of linear attention) through `Attention.quant_point`; the LayerNorm
-               inputs (only quantizers that ask for them: FQ-ViT's power-of-two factor).
+               inputs (only quantizers that ask for them: FQ-ViT's power-of-two factor,
+               I-ViT, which also computes the LayerNorm itself, `Quantizer.layer_norm`); fc1's
+               output (`pre_gelu`, only where a quantizer computes the GELU, `Quantizer.gelu`).
 Nothing in the model changes: Dense and LayerNorm calls are intercepted (`flax.linen.
 intercept_methods`) and the attention core calls the identity hook `quant_point`, which the
 quantized apply intercepts too.
