@@ -32,12 +32,20 @@ def trained_like():
   """A tiny ViT with perturbed (non-trivial) weights and a batch of images."""
   model = tiny_vit()
   x = jax.random.normal(jax.random.key(0), (8, 8, 8, 1))
-  params = model.init(jax.random.key(1), x)["params"]
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  params = jax.tree_util.tree_unflatten(
-      tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  params = init(model, x)
+  rng = np.random.default_rng(2)  # numpy noise: no per-shape compile
+  params = jax.tree_util.tree_map(
+      lambda p: p + jnp.asarray(0.1 * rng.normal(size=p.shape), p.dtype), params)
   return model, params, x
+
+
+def init(model, x):
+  return jax.jit(model.init)(jax.random.key(0), x)["params"]
+
+
+def forward(model, params, x):
+  """The float logits, compiled (eager op-by-op dispatch is slower than one compile)."""
+  return jax.jit(lambda p: model.apply({"params": p}, x)[0])(params)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +161,7 @@ def test_fq_vit_log2_and_ptf_by_hand():
 # ----------------------------------------------------------------------------- the machinery
 def test_repq_reparameterisation_is_exact(trained_like):
   model, params, x = trained_like
-  ref = model.apply({"params": params}, x)[0]
+  ref = forward(model, params, x)
   state = {"weights": {}, "acts": {}}
   for parent, dense in (("attn", "qkv"), ("mlp", "fc1")):
     state["acts"][base.site_key(("block_0", parent, dense), "post_ln")] = {
@@ -161,7 +169,7 @@ def test_repq_reparameterisation_is_exact(trained_like):
         "zero": jnp.asarray(np.round(RNG.uniform(0, 15, 16)), jnp.float32)}
   cfg = base.QuantConfig(method="repq_vit", w_bits=4, a_bits=4)
   new, state = quant.get("repq_vit").make().reparameterise(model, params, state, x, cfg)
-  np.testing.assert_allclose(model.apply({"params": new}, x)[0], ref, atol=1e-5)
+  np.testing.assert_allclose(forward(model, new, x), ref, atol=1e-5)
   assert not np.allclose(new["block_0"]["norm1"]["scale"], params["block_0"]["norm1"]["scale"])
   assert state["acts"]["block_0/attn/qkv:post_ln"]["scale"].shape == ()
 
@@ -197,7 +205,7 @@ def test_integer_model_agrees_with_fake_quant(trained_like, quantized):
 @pytest.mark.parametrize("method", quant.names())
 def test_every_quantizer_runs_and_is_deterministic(trained_like, quantized, method):
   model, params, x = trained_like
-  ref = model.apply({"params": params}, x)[0]
+  ref = forward(model, params, x)
   q1, p1 = quantized(method)
   q2, _ = quant.quantize(model, params, x, dict(method=method, bits="W8A8"))  # compiled: cached
   assert jax.tree_util.tree_structure(q1.state) == jax.tree_util.tree_structure(q2.state)
@@ -225,7 +233,7 @@ def test_save_and_restore(trained_like, quantized, tmp_path):
 def test_softmax_quantizers_name_the_valid_pairs(trained_like):
   _, _, x = trained_like
   model = tiny_vit(attention=dict(name="relu"))
-  params = model.init(jax.random.key(0), x)["params"]
+  params = init(model, x)
   for method in ("repq_vit", "i_vit"):
     with pytest.raises(quant.QuantError, match=f"valid pairs: {method} with .*mhsa"):
       quant.quantize(model, params, x, dict(method=method, bits="W8A8"))
@@ -253,12 +261,12 @@ def test_bad_choices_say_what_would_work(spec, match):
 def test_linear_attention_factors_and_evit_overlap(trained_like):
   _, _, x = trained_like
   model = tiny_vit(attention=dict(name="linear_elu"))
-  params = model.init(jax.random.key(0), x)["params"]
+  params = init(model, x)
   qm, _ = quant.quantize(model, params, x, dict(method="minmax", bits="W4A4"))
   assert {"block_0/attn:left", "block_0/attn:right"} <= set(qm.state["acts"])
   model = tiny_vit(depth=2, patch_size=2, tokens=dict(name="evit", keep_rate=0.5, locations=(1,)))
-  params = model.init(jax.random.key(0), x)["params"]
-  _, out_fp = model.apply({"params": params}, x)
+  params = init(model, x)
+  _, out_fp = jax.jit(lambda p: model.apply({"params": p}, x))(params)
   assert base.kept_overlap(out_fp, out_fp) == 1.0
   qm, qp = quant.quantize(model, params, x, dict(method="minmax", bits="W4A4"))
   _, out_q = qm.apply({"params": qp}, x)
@@ -279,7 +287,7 @@ def test_evaluate_takes_a_quantization_choice(tmp_path):
   spec.loader.exec_module(module)
   config = module.get_config("smoke=True,method=minmax,bits=W8A8,calib=8")
   model = tiny_vit(patch_size=2)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))["params"]
+  params = init(model, jnp.zeros((1, 8, 8, 1)))
   path = str(tmp_path / "tiny.npz")
   checkpoints.save(path, params, model)
   rows = evaluate.run(config, path, runs=1, throughput_batch=8)
