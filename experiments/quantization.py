@@ -4,9 +4,9 @@ r"""Post-training quantization study on the embedded digits ViT, and the int8 pa
   python experiments/quantization.py --smoke --out_dir=/tmp/q   # tiny, for the tests
 
 Accuracy: the digits ViT of configs/default.py (width 96, depth 4, 3 heads, 2x2 patches, with a
-[CLS] token so that EViT can rank patches, average pooling) is trained for --steps with each attention (--attentions),
-then quantized after training by every quantizer at W8A8 / W6A6 / W4A4 (calibration: the first
---calib training digits; patch embedding and head in float), alone and with a parameter-free
+[CLS] token so that EViT can rank patches, average pooling) is trained for --steps with each
+attention (--attentions), then quantized after training by every quantizer at W8A8 / W6A6 /
+W4A4 (calibration: the first --calib training digits; patch embedding and head in float), alone and with a parameter-free
 reducer put in off the shelf after block 1 of 4 (EViT keep rate 0.5; ToMe merging the same number
 of tokens). Top-1 on the 360 test digits. A quantizer with a post-softmax part on a non-softmax
 attention runs with attention_weights="uniform" (marked *: its other parts kept).
@@ -197,8 +197,9 @@ def large_speed_study(args) -> dict:
 def markdown(res: dict) -> str:
   acc = res["accuracy"]
   lines = [f"Digits ViT (width 96, depth 4, [CLS] token, average pooling), trained "
-           f"{acc['steps']} steps at batch 128, lr 2e-3 (seed {acc['seed']}), quantized after training; calibration on the first {acc['calib']} "
-           "training digits; top-1 (%) on the 360 test digits; embedding and head in float. "
+           f"{acc['steps']} steps at batch 128, lr 2e-3 (seed {acc['seed']}), quantized after "
+           f"training; calibration on the first {acc['calib']} training digits; top-1 (%) on "
+           "the 360 test digits; embedding and head in float. "
            "EViT keeps 50% after block 1 of 4, ToMe merges as many. * : the method's "
            "post-softmax quantizer replaced by the uniform one (no softmax to quantize). "
            "Overlap: share of the float model's EViT-kept patches kept after quantization.", "",
