@@ -9,7 +9,8 @@ attention (--attentions), then quantized after training by every quantizer at W8
 W4A4 (calibration: the first --calib training digits; patch embedding and head in float),
 alone and with a parameter-free reducer put in off the shelf after block 1 of 4 (EViT keep rate
 0.5; ToMe merging the same number of tokens). Top-1 on the 360 test digits. A quantizer with a
-post-softmax part on a non-softmax attention runs with attention_weights="uniform" (marked *: its other parts kept).
+post-softmax part on a non-softmax attention runs with attention_weights="uniform" (marked *:
+its other parts kept).
 Kept-set overlap (EViT): the share of the float model's kept patches the quantized model keeps.
 
 Speed: forward images/s of float32, fake-quant and the int8 Dense path (minmax W8A8), the digits
