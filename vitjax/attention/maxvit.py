@@ -21,10 +21,10 @@ import math
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import Attention, Capabilities, projection_macs
-from vitjax.attention.spatial import (begin, bias_init, finish, from_grid, from_windows, padded,
-                                      pair, partitioned_attention, relative_position_index,
-                                      to_grid, to_windows)
+from vitjax.attention.base import Attention, projection_macs
+from vitjax.attention.spatial import (PARTITIONED_CAPS, begin, bias_init, finish, from_grid,
+                                      from_windows, padded, pair, partitioned_attention,
+                                      relative_position_index, to_grid, to_windows)
 
 
 def partition_macs(n, width, num_heads, *, partition_size, num_prefix=1, **_):
@@ -45,8 +45,7 @@ def tf_bias(table, size):
 
 
 @registry.register(
-    "maxvit_block", caps=Capabilities(cls_probs="exact", key_metric=False, size_semantics=False,
-                                      needs_grid=True, full_attn=False),
+    "maxvit_block", caps=PARTITIONED_CAPS,
     paper="MaxViT: Multi-Axis Vision Transformer (Tu et al. 2022), block attention",
     official="https://github.com/google-research/maxvit",
     complexity="O(N P^2 D)", impls=("reference", "xla"), macs=partition_macs)

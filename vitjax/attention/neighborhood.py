@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import Attention, Capabilities, projection_macs
-from vitjax.attention.spatial import begin, bias_init, finish, neighborhood_2d, pair
+from vitjax.attention.base import Attention, projection_macs
+from vitjax.attention.spatial import PARTITIONED_CAPS, begin, bias_init, finish, neighborhood_2d, pair
 
 
 def dilation_for(grid, kernel, dilation) -> tuple:
@@ -50,8 +50,7 @@ def neighborhood_macs(n, width, num_heads, *, kernel_size, dilation, num_prefix=
 
 
 @registry.register(
-    "neighborhood", caps=Capabilities(cls_probs="exact", key_metric=False, size_semantics=False,
-                                      needs_grid=True, full_attn=False),
+    "neighborhood", caps=PARTITIONED_CAPS,
     paper="Neighborhood Attention Transformer (Hassani et al. 2023)",
     official="https://github.com/SHI-Labs/Neighborhood-Attention-Transformer",
     complexity="O(N k^2 D)", macs=neighborhood_macs)

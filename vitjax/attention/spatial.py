@@ -25,6 +25,11 @@ import numpy as np
 
 from vitjax.attention import base
 
+# What every partitioned (window, neighbourhood, grid) mechanism can give: an exact [CLS] row
+# (prefix rows attend globally), no ToMe keys, no size semantics, no full attention matrix.
+PARTITIONED_CAPS = base.Capabilities(cls_probs="exact", key_metric=False, size_semantics=False,
+                                     needs_grid=True, full_attn=False)
+
 # Logit added to a pair Swin's shifted-window mask forbids (Swin's own value: finite, so bf16 and
 # fully masked rows stay finite).
 SHIFT_MASK_LOGIT = -100.0

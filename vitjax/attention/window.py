@@ -29,10 +29,10 @@ import math
 import jax.numpy as jnp
 
 from vitjax.attention import registry
-from vitjax.attention.base import Attention, Capabilities, projection_macs
-from vitjax.attention.spatial import (begin, bias_init, finish, fit_window, from_windows, padded,
-                                      partitioned_attention, shift_mask, table_size, to_windows,
-                                      window_bias)
+from vitjax.attention.base import Attention, projection_macs
+from vitjax.attention.spatial import (PARTITIONED_CAPS, begin, bias_init, finish, fit_window,
+                                      from_windows, padded, partitioned_attention, shift_mask,
+                                      table_size, to_windows, window_bias)
 
 
 def window_macs(n, width, num_heads, *, window_size, shift_size, num_prefix=1, **_):
@@ -47,8 +47,7 @@ def window_macs(n, width, num_heads, *, window_size, shift_size, num_prefix=1, *
 
 
 @registry.register(
-    "window", caps=Capabilities(cls_probs="exact", key_metric=False, size_semantics=False,
-                                needs_grid=True, full_attn=False),
+    "window", caps=PARTITIONED_CAPS,
     paper="Swin Transformer: Hierarchical Vision Transformer using Shifted Windows (Liu et al. 2021)",
     official="https://github.com/microsoft/Swin-Transformer",
     complexity="O(N ws^2 D)", impls=("reference", "xla"), macs=window_macs)
