@@ -21,7 +21,8 @@ GRID = (4, 4)
 ATOL = 2e-5
 
 NAMES = ["gqa", "mqa", "kdgqa", "dgqa", "moh", "latte", "sra", "sra_tokenset", "selective",
-         "neural", "gaam", "levit_bias", "causal_postcls", "rope1d", "rope2d_axial", "routing"]
+         "neural", "gaam", "levit_bias", "causal_postcls", "rope1d", "rope2d_axial", "routing",
+         "twins_gsa", "davit_channel"]
 OPTIONS = {"gqa": dict(num_kv_heads=2), "kdgqa": dict(num_kv_heads=2), "latte": dict(num_latents=8),
            "sra_tokenset": dict(num_pooled=4), "levit_bias": dict(grid=GRID),
            "rope1d": dict(grid=GRID), "causal_postcls": dict(r=0.3), "selective": dict(grid=GRID)}
@@ -319,9 +320,10 @@ def sra_keys_naive(p, x, r):
   return jnp.concatenate([x[:, :1], red], axis=1)
 
 
-@reference("sra")
-def test_sra_naive_and_recomputed_cls_row():
-  mod, x, ctx = module("sra", sr_ratio=2), tokens(), context()
+@reference("sra", "twins_gsa")
+@pytest.mark.parametrize("name", ["sra", "twins_gsa"])
+def test_sra_naive_and_recomputed_cls_row(name):
+  mod, x, ctx = module(name, sr_ratio=2), tokens(), context()
   variables = init(mod, x, ctx)
 
   def naive(p, x):
@@ -337,6 +339,28 @@ def test_sra_naive_and_recomputed_cls_row():
   np.testing.assert_allclose(aux["cls_probs_per_head"], row, atol=1e-6)
   np.testing.assert_allclose(aux["cls_probs"], row.mean(1), atol=1e-6)
   np.testing.assert_allclose(aux["key_metric"], k_full.mean(2), atol=1e-6)
+
+
+@reference("davit_channel")
+def test_davit_channel_naive():
+  """DaViT's channel attention by its formula, head by head: A = softmax(K^T V / sqrt(d)) over
+  the value channels, y_n = A q_n; with a masked token left out of the K^T V sum."""
+  mod, x = module("davit_channel"), tokens()
+  valid = jnp.ones((B, N), bool).at[0, 3].set(False)
+  ctx = context(valid=valid)
+  variables = init(mod, x, ctx)
+
+  def naive(p, x):
+    q, k, v = qkv(p, x)
+    w = valid.astype(jnp.float32)[:, :, None]
+    outs = []
+    for h in range(H):
+      amap = softmax(jnp.einsum("bni,bnj->bij", k[:, :, h] * w, v[:, :, h]) / math.sqrt(DH))
+      outs.append(jnp.einsum("bij,bnj->bni", amap, q[:, :, h]))
+    return out_proj(p, jnp.stack(outs, axis=2))
+  check_against(mod, variables, naive, x, ctx)
+  with pytest.raises(ValueError, match="davit_channel gives none of"):
+    run(mod, variables, x, ctx, need=("cls_probs",))
 
 
 def test_sra_ratio_one_is_plain_attention_and_linear_form_runs():
@@ -703,18 +727,20 @@ def test_routing_naive_one_cluster_and_kmeans_update():
 # ----------------------------------------------------------------------------- rules for all
 SIZE_NAMES = [n for n in NAMES if attention.get(n).caps.size_semantics]
 MASK_NAMES = [n for n in NAMES if attention.get(n).caps.key_bias]
-PERM_NAMES = [n for n in NAMES if n not in ("sra", "causal_postcls")]
+PERM_NAMES = [n for n in NAMES if n not in ("sra", "twins_gsa", "causal_postcls")]
 
 
 def test_capabilities_are_declared():
   caps = {n: attention.get(n).caps for n in NAMES}
   assert caps["sra"].cls_probs == "recompute" and caps["sra"].needs_grid
+  assert caps["twins_gsa"] == caps["sra"]
+  assert caps["davit_channel"].cls_probs == "none" and not caps["davit_channel"].full_attn
   assert caps["gaam"].cls_probs == "none" and not caps["gaam"].key_metric
   assert not caps["latte"].key_metric and caps["latte"].full_attn
   assert all(caps[n].needs_pos for n in ("levit_bias", "rope1d", "rope2d_axial"))
   assert caps["causal_postcls"].causal
   assert caps["routing"].cls_probs == "approx"
-  assert set(SIZE_NAMES) == set(NAMES) - {"sra", "gaam"}
+  assert set(SIZE_NAMES) == set(NAMES) - {"sra", "twins_gsa", "gaam"}
 
 
 @pytest.mark.parametrize("name", PERM_NAMES)
@@ -762,7 +788,7 @@ AUX_SHAPES = {"cls_probs": (B, N), "cls_probs_per_head": (B, H, N), "key_metric"
               "value_norm": (B, H, N), "attn": (B, H, N, N)}
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "gaam"])
+@pytest.mark.parametrize("name", [n for n in NAMES if attention.get(n).caps.cls_probs != "none"])
 def test_aux_shapes_and_cls_row(name):
   mod, x, ctx = module(name), tokens(), context()
   variables = init(mod, x, ctx)

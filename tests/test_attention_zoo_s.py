@@ -110,9 +110,9 @@ CASES = [
 ]
 
 
-def compare(m, ref, x, ctx, grads=True):
+def compare(m, ref, x, ctx, grads=True, grad_floor=1e-6):
   """The module on perturbed parameters against ref(params, x), forward and gradients (input and
-  every parameter, relative to each gradient's scale); one compile for all of it."""
+  every parameter, relative to each gradient's scale, down to grad_floor); one compile for all."""
   r = jax.random.normal(jax.random.key(7), x.shape)
 
   @jax.jit
@@ -129,7 +129,7 @@ def compare(m, ref, x, ctx, grads=True):
   close(outs[0], outs[1], atol=2e-5)
   if grads:
     for a, b in zip(jax.tree.leaves(outs[2]), jax.tree.leaves(outs[3])):
-      close(a, b, atol=1e-5 * float(jnp.abs(b).max()) + 1e-6, rtol=1e-4)
+      close(a, b, atol=1e-5 * float(jnp.abs(b).max()) + grad_floor, rtol=1e-4)
   return p
 
 
@@ -407,7 +407,146 @@ def neighborhood_reference_case():
   test_neighborhood_matches_masked_global_attention(0)
 
 
+# ----------------------------------------------------------------------------- windows, no bias
+@pytest.mark.parametrize("name", ["twins_lsa", "davit_window"])
+def test_windows_without_bias_match_masked_global_attention(name):
+  """Twins' LSA and DaViT's spatial windows: Swin's windows (no shift) and no position table."""
+  grid, npre, window = (5, 6), 1, (2, 3)
+  x = tokens(grid, npre)
+  ctx = AttnContext(grid=grid, num_prefix=npre)
+  n = x.shape[1]
+  allowed = np.zeros((n, n), bool)
+  allowed[:npre] = True
+  allowed[npre:, npre:] = swin_allowed(grid, window, (0, 0))
+  p = compare(build(name, window_size=window), lambda p_, x_: naive_masked(
+      p_, x_, allowed, jnp.zeros((H, n, n)))[0], x, ctx, grads=name == "twins_lsa")
+  assert set(p["params"]) == {"qkv", "proj"}
+
+
+# ----------------------------------------------------------------------------- HiLo
+def dense(p, x):
+  return x @ p["kernel"] + p["bias"]
+
+
+def masked_heads(q, k, v, allowed):
+  """q [B,N,h,d], k and v [B,M,h,d], allowed [N, M] -> softmax attention [B,N,h*d]."""
+  s = jnp.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(q.shape[-1])
+  w = jax.nn.softmax(jnp.where(jnp.asarray(allowed)[None, None], s, -jnp.inf), axis=-1)
+  y = jnp.einsum("bhnm,bmhd->bnhd", w, v)
+  return y.reshape(*y.shape[:2], -1)
+
+
+def naive_hilo(p, x, grid, npre, s, hi, lo):
+  """HiLo from its definition: Hi-Fi heads masked to their s x s window (prefix rows global),
+  Lo-Fi heads over [prefix; the mean of each window], concatenated Hi-Fi first."""
+  d = D // H
+  n = x.shape[1]
+  outs = []
+  if hi:
+    q, k, v = (t.reshape(*x.shape[:2], hi, d) for t in jnp.split(dense(p["h_qkv"], x), 3, -1))
+    allowed = np.zeros((n, n), bool)
+    allowed[:npre] = True
+    allowed[npre:, npre:] = swin_allowed(grid, (s, s), (0, 0))
+    outs.append(dense(p["h_proj"], masked_heads(q, k, v, allowed)))
+  if lo:
+    r, c = coords(grid)
+    cell = (r // s) * (grid[1] // s) + c // s
+    pool = np.stack([(cell == i) / s ** 2 for i in range(cell.max() + 1)]).astype(np.float32)
+    keys = jnp.concatenate([x[:, :npre], jnp.einsum("mp,bpc->bmc", pool, x[:, npre:])], 1)
+    q = dense(p["l_q"], x).reshape(*x.shape[:2], lo, d)
+    k, v = (t.reshape(*keys.shape[:2], lo, d) for t in jnp.split(dense(p["l_kv"], keys), 2, -1))
+    outs.append(dense(p["l_proj"], masked_heads(q, k, v, np.ones((n, keys.shape[1]), bool))))
+  return jnp.concatenate(outs, axis=-1)
+
+
+# (grid, prefix tokens, options, Hi-Fi heads, Lo-Fi heads)
+HILO_CASES = [((4, 6), 1, dict(), 1, 1),                    # alpha 0.9 of 2 heads: one each
+              ((4, 4), 0, dict(alpha=0.0), 2, 0),           # pure window attention
+              ((3, 3), 1, dict(window_size=1), 0, 2)]       # s = 1: global attention
+
+
+@pytest.mark.parametrize("case", range(len(HILO_CASES)))
+def test_hilo_matches_its_definition(case):
+  grid, npre, opts, hi, lo = HILO_CASES[case]
+  x = tokens(grid, npre)
+  ctx = AttnContext(grid=grid, num_prefix=npre)
+  s = opts.get("window_size", 2)
+  p = compare(build("hilo", **opts), lambda p_, x_: naive_hilo(p_, x_, grid, npre, s, hi, lo),
+              x, ctx, grads=case == 0)
+  assert ("h_qkv" in p["params"]) == bool(hi) and ("l_q" in p["params"]) == bool(lo)
+
+
+def test_hilo_errors_are_one_line():
+  x = tokens((3, 4), 1)
+  m = build("hilo")
+  with pytest.raises(ValueError, match=r"^error: hilo window_size 2 does not divide the 3x4 "):
+    init(m, x, AttnContext(grid=(3, 4), num_prefix=1))
+  with pytest.raises(ValueError, match=r"^error: hilo takes no key bias or mask"):
+    init(m, tokens((4, 4), 1), AttnContext(grid=(4, 4), valid=jnp.ones((2, 17), bool)))
+  assert attn_lib.get("hilo").caps.cls_probs == "none"
+
+
+# ----------------------------------------------------------------------------- ConViT GPSA
+def naive_gpsa(p, x, grid, npre):
+  """GPSA from its definition, pair by pair: r_nm = (dx, dy, dx^2 + dy^2) of key m from query n,
+  gate sigmoid(l_h) between the content and the positional softmax, rows renormalised; prefix
+  queries are content-only and prefix keys get no positional weight."""
+  d = D // H
+  q, k = (t.reshape(*x.shape[:2], H, d) for t in jnp.split(dense(p["qk"], x), 2, -1))
+  v = dense(p["v"], x).reshape(*x.shape[:2], H, d)
+  content = jax.nn.softmax(jnp.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(d), axis=-1)
+  r, c = coords(grid)
+  rel = np.array([[(c[m] - c[n], r[m] - r[n], (c[m] - c[n]) ** 2 + (r[m] - r[n]) ** 2)
+                   for m in range(len(r))] for n in range(len(r))], np.float32)
+  pos = jax.nn.softmax(dense(p["pos_proj"], jnp.asarray(rel)), axis=1).transpose(2, 0, 1)
+  pos = jnp.pad(pos, ((0, 0), (npre, 0), (npre, 0)))
+  g = jax.nn.sigmoid(p["gating_param"])[:, None, None] * (np.arange(x.shape[1]) >= npre)[:, None]
+  mixed = (1 - g) * content + g * pos
+  mixed = mixed / mixed.sum(-1, keepdims=True)
+  y = jnp.einsum("bhnm,bmhd->bnhd", mixed, v).reshape(x.shape)
+  return dense(p["proj"], y)
+
+
+@pytest.mark.parametrize("grid,npre", [((4, 5), 1), ((3, 3), 0)])
+def test_gpsa_matches_its_definition(grid, npre):
+  x = tokens(grid, npre)
+  # grad_floor: the positional bias's gradient is 0 (a softmax ignores a constant shift)
+  compare(build("gpsa"), lambda p_, x_: naive_gpsa(p_, x_, grid, npre), x,
+          AttnContext(grid=grid, num_prefix=npre), grads=npre == 1, grad_floor=1e-5)
+
+
+def test_gpsa_locality_init_gates_and_rows():
+  """The official local_init: v the identity, gates 1, head h1 + K h2 peaked at the offset
+  (h2 - c, h1 - c); a closed gate is content attention; the rows sum to 1."""
+  grid, heads, width = (7, 7), 9, 36
+  m = attn_lib.build("gpsa", num_heads=heads, dtype=jnp.float32)
+  x = jax.random.normal(jax.random.key(0), (1, 49, width))
+  ctx = AttnContext(grid=grid, num_prefix=0)
+  p = init(m, x, ctx)["params"]
+  np.testing.assert_array_equal(p["v"]["kernel"], np.eye(width))
+  np.testing.assert_array_equal(p["gating_param"], np.ones(heads))
+  r, c = coords(grid)
+  centre = 24  # the middle patch (3, 3)
+  dx, dy = c - c[centre], r - r[centre]
+  logits = np.stack([dx, dy, dx ** 2 + dy ** 2], -1) @ np.asarray(p["pos_proj"]["kernel"])
+  for h1 in range(3):
+    for h2 in range(3):
+      peak = int(np.argmax(logits[:, h1 + 3 * h2]))
+      assert (dx[peak], dy[peak]) == (h2 - 1, h1 - 1)
+  closed = dict(p, gating_param=jnp.full((heads,), -60.0))
+  _, aux = m.apply({"params": closed}, x, ctx, need=("attn",))
+  d = width // heads
+  q, k = (t.reshape(1, 49, heads, d) for t in jnp.split(dense(p["qk"], x), 2, -1))
+  content = jax.nn.softmax(jnp.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(d), axis=-1)
+  close(aux["attn"], content, atol=1e-6)
+  close(m.apply({"params": p}, x, ctx, need=("attn",))[1]["attn"].sum(-1), 1.0)
+
+
 REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_reference_case,
+                   "twins_lsa": test_windows_without_bias_match_masked_global_attention,
+                   "davit_window": test_windows_without_bias_match_masked_global_attention,
+                   "hilo": test_hilo_matches_its_definition,
+                   "gpsa": test_gpsa_matches_its_definition,
                    "neighborhood": neighborhood_reference_case,
                    "dilated_neighborhood": test_neighborhood_matches_masked_global_attention,
                    "maxvit_block": test_maxvit_matches_masked_global_attention,

@@ -15,6 +15,11 @@ the one with a CLS, has R = 1 so its CLS is an ordinary key there too).
 The layer's own [CLS] row is over pooled keys, not tokens: `cls_probs` is `recompute` (R1) against
 the full-token keys W_k x (an extra N*D*d), a distribution the layer did not use; `key_metric` is the
 head-mean of W_k x. The [N, M] weights are not [N, N]: no `attn`.
+`twins_gsa` is Twins-SVT's global sub-sampled attention (Chu et al. 2021, "Twins: Revisiting the
+Design of Spatial Attention in Vision Transformers"; https://github.com/Meituan-AutoML/Twins,
+GlobalSubSampleAttn in timm's twins.py): the same layers and computation as `sra` (R x R conv of
+stride R + LayerNorm, `q`, `kv`, `proj`), under its own paper's name; Twins-SVT alternates it with
+`twins_lsa` (R 8/4/2/1 per stage).
 LayerNorm eps 1e-5 after the reduction (PyTorch default, as PVT). Defaults: R = 2 (the PVT stage at
 1/16 resolution, i.e. a 14x14 ViT grid; PVT uses 8/4/2/1 per stage), P = 7 for the linear form.
 """
@@ -133,6 +138,14 @@ class SRA(SpatialReduction):
     conv = nn.Conv(width, (r, r), strides=(r, r), padding="VALID", dtype=self.dtype, name="sr")
     grid = conv(grid)
     return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(grid.reshape(b, -1, width))
+
+
+@registry.register(
+    "twins_gsa", like="sra",
+    paper="Twins: Revisiting the Design of Spatial Attention in Vision Transformers (Chu et al. 2021)",
+    official="https://github.com/Meituan-AutoML/Twins")
+class TwinsGSA(SRA):
+  """Twins' global sub-sampled attention (GSA): PVT's SRA with its strided-conv reduction."""
 
 
 @registry.register(

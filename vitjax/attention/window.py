@@ -21,6 +21,13 @@ Deviations (own design, named here and in the README):
   tokens. That row is exact, so `cls_probs` is too. `cls_mode="none"` refuses prefix tokens.
 - A key bias or key mask from the context (ToMe's log-sizes, padding) is added to the logits of
   that key in its window.
+Variants with their own papers, the same computation without the relative position bias:
+`twins_lsa`, Twins-SVT's locally-grouped self-attention (Chu et al. 2021, "Twins: Revisiting the
+Design of Spatial Attention in Vision Transformers"; https://github.com/Meituan-AutoML/Twins,
+LocallyGroupedAttn in timm's twins.py), and `davit_window`, DaViT's spatial window attention (Ding
+et al. 2022, "DaViT: Dual Attention Vision Transformers"; https://github.com/dingmyu/davit,
+WindowAttention in timm's davit.py). Both pad the grid with zero tokens that are attended; here
+padding gets no weight, as above (at 224 px every stage of both divides by 7).
 impl "reference" materialises each window's weights; "xla" runs jax.nn.dot_product_attention with
 the windows as the batch and the bias and mask as one [windows, H, T, T] bias.
 """
@@ -93,3 +100,20 @@ class WindowAttention(Attention):
 class ShiftedWindowAttention(WindowAttention):
   """Swin's SW-MSA: window attention on the grid rolled by (-ws // 2, -ws // 2), with its mask."""
   shift_size: int = None
+
+
+@registry.register(
+    "twins_lsa", like="window",
+    paper="Twins: Revisiting the Design of Spatial Attention in Vision Transformers (Chu et al. 2021)",
+    official="https://github.com/Meituan-AutoML/Twins")
+class TwinsLSA(WindowAttention):
+  """Twins' locally-grouped self-attention (LSA): windows without position bias or shift."""
+  rel_pos_bias: bool = False
+
+
+@registry.register("davit_window", like="window",
+                   paper="DaViT: Dual Attention Vision Transformers (Ding et al. 2022)",
+                   official="https://github.com/dingmyu/davit")
+class DaViTWindow(WindowAttention):
+  """DaViT's spatial window attention: windows without position bias or shift."""
+  rel_pos_bias: bool = False
