@@ -15,7 +15,7 @@ LayerNorm epsilon is PyTorch's 1e-5 (timm's Swin), stochastic depth rises linear
 blocks, and the relative position tables are not weight-decayed (timm's no_weight_decay).
 
 Variants ("T", "S", "B", "L"): timm's swin_{tiny,small,base,large}_patch4_window7_224; parameter
-counts equal timm's (T 28,288,354; S 49,606,258; B 87,768,224 with 1000 classes).
+counts equal timm's (T 28,288,354; S 49,606,258; B 87,768,224; L 196,532,476 with 1000 classes).
 
 Deviations (own design, also in the README):
 - Grids that the window does not divide are padded at the bottom and right with keys that get no
