@@ -54,6 +54,14 @@ def backbone_table() -> str:
   return "\n".join(rows)
 
 
+def swin_table() -> str:
+  rows = ["| variant | embed dim | depths | heads | window |", "|---|---|---|---|---|"]
+  for name, (embed, depths, heads) in models.swin.VARIANTS.items():
+    rows.append(f"| `{name}` | {embed} | {', '.join(map(str, depths))} | "
+                f"{', '.join(map(str, heads))} | {models.Swin.window_size} |")
+  return "\n".join(rows)
+
+
 def quant_table() -> str:
   """One row per registered quantizer, in registration order, from its registry entry and its
   class's contract (needs_softmax, uniform_dense_inputs, options)."""
@@ -69,7 +77,7 @@ def quant_table() -> str:
 
 
 TABLES = {"attention": attention_table, "tokens": tokens_table, "backbones": backbone_table,
-          "quant": quant_table}
+          "swin": swin_table, "quant": quant_table}
 
 
 def update(path: str):

@@ -1,4 +1,5 @@
-"""Pretrained checkpoints in and out: timm (`.safetensors`, `.pth`) and big_vision (`.npz`).
+"""Pretrained checkpoints in and out: timm (`.safetensors`, `.pth`; ViT and Swin) and big_vision
+(`.npz`; ViT).
 
   model, params = checkpoints.load_model("deit_small.safetensors")   # architecture + weights
   model = checkpoints.build_model("deit_small.safetensors", tokens=dict(name="evit", keep_rate=0.7))
@@ -13,7 +14,7 @@ import os
 from typing import Iterable, Mapping, Optional
 
 from vitjax import models
-from vitjax.checkpoints import big_vision, common, timm
+from vitjax.checkpoints import big_vision, common, timm, timm_swin
 from vitjax.checkpoints.common import CheckpointMismatch, merge  # noqa: F401
 
 FORMATS = {"timm": timm, "big_vision": big_vision}
@@ -41,6 +42,17 @@ def _module(fmt: Optional[str], path: str):
   return FORMATS[fmt]
 
 
+def _converter(mod, *, model=None, raw=None):
+  """timm files hold ViTs or Swins: the Swin converter for a Swin model or state dict."""
+  if mod is big_vision and model is not None and timm_swin.is_swin_model(model):
+    raise ValueError("Swin checkpoints are timm files here; valid suffixes: "
+                     f"{', '.join(timm.SUFFIXES)}")
+  if mod is timm and ((model is not None and timm_swin.is_swin_model(model))
+                      or (raw is not None and timm_swin.is_swin_state_dict(raw))):
+    return timm_swin
+  return mod
+
+
 def read(path: str, fmt: Optional[str] = None) -> dict:
   """The raw file contents: a timm state dict or big_vision's flat names -> numpy arrays."""
   mod = _module(fmt, path)
@@ -49,15 +61,15 @@ def read(path: str, fmt: Optional[str] = None) -> dict:
 
 def model_config(path: str, fmt: Optional[str] = None, **kw) -> dict:
   """The architecture stored in a file: vitjax model fields plus num_classes and image_size."""
-  mod = _module(fmt, path)
-  return mod.model_config(read(path, fmt), **kw)
+  raw = read(path, fmt)
+  return _converter(_module(fmt, path), raw=raw).model_config(raw, **kw)
 
 
 def build_model(path: str, *, fmt: Optional[str] = None, num_classes: Optional[int] = None,
                 image_size=None, dtype: str = "float32", num_heads: Optional[int] = None,
                 **overrides):
-  """A ViT with the architecture of the file (any field overridable, e.g. tokens=...), without
-  its weights: `load_model` gives both."""
+  """A ViT or Swin with the architecture of the file (any field overridable, e.g. tokens=...),
+  without its weights: `load_model` gives both."""
   kw = {"num_heads": num_heads} if num_heads else {}
   cfg = model_config(path, fmt, **kw)
   file_classes, file_size = cfg.pop("num_classes"), cfg.pop("image_size", None)
@@ -74,7 +86,7 @@ def load_model(path: str, *, fmt: Optional[str] = None, **build_kw):
 
 def load(path: str, model, *, fmt: Optional[str] = None, skip: Iterable[str] = (), **kw) -> dict:
   """Parameters for `model` from a timm / big_vision file (see the format modules)."""
-  return _module(fmt, path).load(path, model, skip=skip, **kw)
+  return _converter(_module(fmt, path), model=model).load(path, model, skip=skip, **kw)
 
 
 def load_into(path: str, model, init_params: Mapping, *, fmt: Optional[str] = None,
@@ -85,4 +97,4 @@ def load_into(path: str, model, init_params: Mapping, *, fmt: Optional[str] = No
 
 def save(path: str, params: Mapping, model, *, fmt: Optional[str] = None):
   """Writes `params` of `model` in the format of `path`'s suffix (or `fmt`)."""
-  _module(fmt, path).save(path, params, model)
+  _converter(_module(fmt, path), model=model).save(path, params, model)

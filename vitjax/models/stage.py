@@ -71,15 +71,16 @@ class Block(nn.Module):
   qkv_bias: bool = True
   impl: str = "reference"
   gelu_approximate: bool = False
+  norm_epsilon: float = 1e-6  # timm's ViT; its Swin keeps PyTorch's 1e-5
   dtype: Any = jnp.float32
 
   def setup(self):
-    self.norm1 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+    self.norm1 = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype)
     self.attn = attn_lib.build(self.attention, num_heads=self.num_heads, dtype=self.dtype,
                                qk_norm=self.qk_norm, qkv_bias=self.qkv_bias,
                                attn_drop=self.attn_dropout, proj_drop=self.dropout,
                                impl=self.impl)
-    self.norm2 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+    self.norm2 = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype)
     self.mlp = Mlp(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype)
     if self.layerscale is not None:
       self.ls1, self.ls2 = LayerScale(self.layerscale), LayerScale(self.layerscale)

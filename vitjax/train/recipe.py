@@ -141,19 +141,22 @@ def layer_id(path: str, depth: int) -> int:
   return depth + 1
 
 
-def layer_scales(params, decay: float, depth: int):
+def layer_scales(params, decay: float, depth: int, layer_of=None):
   """Per parameter: decay ** (depth + 1 - layer id); scanned blocks (encoder/block, stacked over
-  depth) get one scale per layer, broadcast over the parameter."""
+  depth) get one scale per layer, broadcast over the parameter. `layer_of(name)` is the model's
+  own layer id (a hierarchical backbone's `layer_id`), else `layer_id`'s ViT layout."""
+  layer_of = layer_of or (lambda name: layer_id(name, depth))
+
   def scale(path, leaf):
     name = "/".join(str(getattr(k, "key", k)) for k in path)
     if name.startswith("encoder/block/"):
       per_layer = decay ** (depth - np.arange(depth, dtype=np.float32))
       return jnp.asarray(per_layer.reshape((depth,) + (1,) * (leaf.ndim - 1)), jnp.float32)
-    return jnp.asarray(decay ** (depth + 1 - layer_id(name, depth)), jnp.float32)
+    return jnp.asarray(decay ** (depth + 1 - layer_of(name)), jnp.float32)
   return jax.tree_util.tree_map_with_path(scale, params)
 
 
-def scale_by_layer(decay: float, depth: int) -> optax.GradientTransformation:
+def scale_by_layer(decay: float, depth: int, layer_of=None) -> optax.GradientTransformation:
   """Multiplies each update by its layer's scale: the same as scaling that layer's learning rate
   (weight decay included, as timm's parameter groups do)."""
   def init(params):
@@ -162,7 +165,7 @@ def scale_by_layer(decay: float, depth: int) -> optax.GradientTransformation:
 
   def update(updates, state, params=None):
     del params
-    scales = layer_scales(updates, decay, depth)
+    scales = layer_scales(updates, decay, depth, layer_of)
     return jax.tree_util.tree_map(lambda u, s: u * s.astype(u.dtype), updates, scales), state
 
   return optax.GradientTransformation(init, update)
@@ -176,7 +179,7 @@ def wrap_optimizer(tx, config, model):
   if decay is not None:
     if not 0.0 < decay <= 1.0:
       raise ValueError(f"optimizer.layer_decay must be in (0, 1], got {decay}")
-    parts.append(scale_by_layer(float(decay), model.depth))
+    parts.append(scale_by_layer(float(decay), model.depth, getattr(model, "layer_id", None)))
   if model.after_update() is not None:
     parts.append(model.after_update())
   if ema_decay(config) is not None:
