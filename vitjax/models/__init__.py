@@ -3,9 +3,13 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from vitjax.models import pvt_v2
+from vitjax.models.pvt_v2 import PVTv2
 from vitjax.models.vit import VARIANTS, ViT, decode_variant, resample_posemb, sincos2d  # noqa: F401
 
 MODELS = {"vit": ViT}
+MODELS["pvt_v2"] = PVTv2
+VARIANT_DECODERS = {"pvt_v2": pvt_v2.decode_variant}  # name -> its variant strings (default: ViT's)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -13,14 +17,16 @@ def build(model_cfg, *, num_classes: int, image_size, dtype: str = "float32"):
   """Builds a backbone from `config.model`; validates it now rather than at trace time.
 
   model_cfg fields: name ("vit"), variant ("S/16"), and any ViT field as an override
-  (width, depth, mlp_dim, num_heads, patch_size, pool, attention, tokens, ...).
+  (width, depth, mlp_dim, num_heads, patch_size, pool, attention, tokens, ...); name "pvt_v2"
+  takes variant "b0" / "b1" / "b2" and PVTv2's fields.
   """
   cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
   name = cfg.pop("name", "vit")
   if name not in MODELS:
     raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
   cls = MODELS[name]
-  kwargs = decode_variant(cfg.pop("variant")) if cfg.get("variant") else {}
+  decode = VARIANT_DECODERS.get(name, decode_variant)
+  kwargs = decode(cfg.pop("variant")) if cfg.get("variant") else {}
   cfg.pop("variant", None)
   kwargs.update({k: v for k, v in cfg.items() if v is not None or k == "tokens"})
   fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
