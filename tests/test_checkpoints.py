@@ -4,10 +4,7 @@ and logits parity with timm (random weights) when a PyTorch interpreter is given
 Parity needs `VITJAX_TORCH_PYTHON=/path/to/venv/bin/python` (torch + timm; `.ci/torch_env.sh`
 builds one); it is skipped otherwise. Everything else runs without torch.
 """
-import json
 import os
-import subprocess
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +13,8 @@ import pytest
 
 from vitjax import checkpoints, models
 from vitjax.checkpoints import big_vision, common, timm
+
+import timm_env
 
 SIZE = 16
 
@@ -196,8 +195,6 @@ def test_pth_without_torch_says_what_to_do(tmp_path):
 
 
 # ------------------------------------------------------------------ parity with timm
-TORCH_PYTHON = os.environ.get("VITJAX_TORCH_PYTHON")
-
 # name -> (timm model, timm kwargs, vitjax overrides at load time, image size of the reference)
 PARITY = {
     "vit_tiny_patch16_224": ("vit_tiny_patch16_224", dict(img_size=64, depth=4), {}, 64),
@@ -213,34 +210,14 @@ PARITY = {
     "vit_tiny_patch16_224@96px": ("vit_tiny_patch16_224", dict(img_size=64, depth=4), {}, 96),
 }
 
-TORCH_SCRIPT = textwrap.dedent("""
-    import json, sys
-    import numpy as np
-    import torch
-    try:
-        import timm
-    except RuntimeError:  # torchvision's CUDA build: stand-in ops so that timm imports on CPU
-        for m in [m for m in sys.modules if m.startswith("torchvision")]:
-            del sys.modules[m]
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        import timm
+TORCH_SCRIPT = """
     from timm.layers import resample_abs_pos_embed
-    from safetensors.torch import save_file
 
     cases, out = json.loads(sys.argv[1]), sys.argv[2]
     torch.manual_seed(0)
     for key, (name, kwargs, _, size) in cases.items():
         model = timm.create_model(name, pretrained=False, **kwargs).eval()
-        with torch.no_grad():  # random weights where every parameter matters
-            for pname, p in model.named_parameters():
-                if p.ndim == 1 and pname.endswith("weight"):
-                    p.copy_(1.0 + 0.1 * torch.randn_like(p))
-                elif pname.endswith("gamma"):
-                    p.copy_(0.5 + 0.1 * torch.randn_like(p))
-                else:
-                    p.copy_(0.05 * torch.randn_like(p))
+        perturb(model)
         sd = {k: v.contiguous() for k, v in model.state_dict().items()}
         save_file(sd, f"{out}/{key}.safetensors")
         if size != kwargs["img_size"]:  # the same weights at another resolution (bilinear)
@@ -255,28 +232,12 @@ TORCH_SCRIPT = textwrap.dedent("""
             logits = model(x)
         np.savez(f"{out}/{key}.npz", x=x.permute(0, 2, 3, 1).numpy(), logits=logits.numpy())
     print(json.dumps({"torch": torch.__version__, "timm": timm.__version__}))
-""")
-
-
-def _has_timm(python) -> bool:
-  if not python:
-    return False
-  code = ("import importlib.util as u, sys; "
-          "sys.exit(0 if u.find_spec('timm') and u.find_spec('safetensors') else 1)")
-  probe = subprocess.run([python, "-c", code],
-                         capture_output=True, check=False)
-  return probe.returncode == 0
+"""
 
 
 @pytest.fixture(scope="module")
 def timm_reference(tmp_path_factory):
-  if not _has_timm(TORCH_PYTHON):
-    pytest.skip("set VITJAX_TORCH_PYTHON to a python with torch + timm (.ci/torch_env.sh)")
-  out = tmp_path_factory.mktemp("timm")
-  res = subprocess.run([TORCH_PYTHON, "-c", TORCH_SCRIPT, json.dumps(PARITY), str(out)],
-                       capture_output=True, text=True, check=False, timeout=600)
-  assert res.returncode == 0, res.stderr[-3000:]
-  return str(out)
+  return timm_env.reference(TORCH_SCRIPT, PARITY, tmp_path_factory.mktemp("timm"))
 
 
 @pytest.mark.parametrize("case", list(PARITY))

@@ -13,10 +13,12 @@ import os
 from typing import Iterable, Mapping, Optional
 
 from vitjax import models
-from vitjax.checkpoints import big_vision, common, timm
+from vitjax.checkpoints import big_vision, common, timm, timm_pvt_v2
 from vitjax.checkpoints.common import CheckpointMismatch, merge  # noqa: F401
 
 FORMATS = {"timm": timm, "big_vision": big_vision}
+# timm model families besides the ViT: modules with MODEL (our class) and matches(state dict)
+TIMM_FAMILIES = (timm_pvt_v2,)
 
 
 def detect_format(path: str) -> str:
@@ -34,10 +36,19 @@ def is_pretrained_file(path) -> bool:
   return os.path.isfile(str(path)) and os.path.splitext(str(path))[1] in (*timm.SUFFIXES, ".npz")
 
 
-def _module(fmt: Optional[str], path: str):
+def _module(fmt: Optional[str], path: str, model=None, raw: Optional[Mapping] = None):
+  """The converter for a format; for timm, the family of `model` or of the state dict `raw`."""
   fmt = fmt or detect_format(path)
   if fmt not in FORMATS:
     raise ValueError(f"unknown checkpoint format {fmt!r}; valid: {', '.join(FORMATS)}")
+  families = [f for f in TIMM_FAMILIES if isinstance(model, f.MODEL)]
+  if families and FORMATS[fmt] is not timm:
+    raise ValueError(f"{type(model).__name__} checkpoints are timm files ({', '.join(timm.SUFFIXES)}), "
+                     f"not {fmt}")
+  if FORMATS[fmt] is timm:
+    for family in TIMM_FAMILIES:
+      if isinstance(model, family.MODEL) or (raw is not None and family.matches(raw)):
+        return family
   return FORMATS[fmt]
 
 
@@ -49,8 +60,8 @@ def read(path: str, fmt: Optional[str] = None) -> dict:
 
 def model_config(path: str, fmt: Optional[str] = None, **kw) -> dict:
   """The architecture stored in a file: vitjax model fields plus num_classes and image_size."""
-  mod = _module(fmt, path)
-  return mod.model_config(read(path, fmt), **kw)
+  raw = read(path, fmt)
+  return _module(fmt, path, raw=raw).model_config(raw, **kw)
 
 
 def build_model(path: str, *, fmt: Optional[str] = None, num_classes: Optional[int] = None,
@@ -74,7 +85,7 @@ def load_model(path: str, *, fmt: Optional[str] = None, **build_kw):
 
 def load(path: str, model, *, fmt: Optional[str] = None, skip: Iterable[str] = (), **kw) -> dict:
   """Parameters for `model` from a timm / big_vision file (see the format modules)."""
-  return _module(fmt, path).load(path, model, skip=skip, **kw)
+  return _module(fmt, path, model).load(path, model, skip=skip, **kw)
 
 
 def load_into(path: str, model, init_params: Mapping, *, fmt: Optional[str] = None,
@@ -85,4 +96,4 @@ def load_into(path: str, model, init_params: Mapping, *, fmt: Optional[str] = No
 
 def save(path: str, params: Mapping, model, *, fmt: Optional[str] = None):
   """Writes `params` of `model` in the format of `path`'s suffix (or `fmt`)."""
-  _module(fmt, path).save(path, params, model)
+  _module(fmt, path, model).save(path, params, model)
