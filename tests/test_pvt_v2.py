@@ -15,12 +15,14 @@ import pytest
 
 from vitjax import checkpoints, models
 from vitjax.checkpoints import common, timm_pvt_v2
+from vitjax.tokens import macs
 from vitjax.train import recipe
 
 import timm_env
 
 # sum(p.numel() for p in timm.create_model("pvt_v2_bX").parameters()), timm 1.0.31
 TIMM_PARAMS = {"b0": 3_666_760, "b1": 14_009_000, "b2": 25_362_856}
+PAPER_GFLOPS = {"b0": 0.6, "b1": 2.1, "b2": 4.0}  # the PVTv2 paper (multiply-adds at 224 px)
 # a reduced PVTv2 with every code path of the real ones: sr 8, 4, 2 (conv + LN) and 1 (none)
 TINY = dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 2, 1))
 SIZE = 64
@@ -65,9 +67,10 @@ def tiny_params():
 
 
 @pytest.mark.parametrize("variant", list(TIMM_PARAMS))
-def test_parameter_counts_equal_timm(variant):
+def test_parameter_counts_equal_timm_and_macs_the_papers(variant):
   model = models.build({"name": "pvt_v2", "variant": variant}, num_classes=1000, image_size=224)
   assert models.num_params(common.abstract_params(model)) == TIMM_PARAMS[variant]
+  assert round(macs.model_macs(model) / 1e9, 1) == PAPER_GFLOPS[variant]
 
 
 def test_tiny_forward_and_gradient(tiny_params):

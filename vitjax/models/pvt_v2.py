@@ -30,6 +30,7 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from vitjax.attention import registry as attn_registry
 from vitjax.models.stage import Stage, drop_path_rates
 
 # variant: (embed dims, depths); all share heads (1, 2, 5, 8), sr ratios (8, 4, 2, 1) and
@@ -166,6 +167,20 @@ class PVTv2(nn.Module):
                               remat=self.remat, dtype=self.dtype, parent=None))
       start += depth
     return out
+
+  def macs(self, channels: int = 3) -> int:
+    """Analytic MACs of one image: patch embeddings, each block's attention (its registry entry)
+    and MLP (depthwise conv included), head and norms left out (as `tokens.macs.model_macs`)."""
+    total, prev = 0, channels
+    for i, (grid, width) in enumerate(zip(self.grids, self.embed_dims)):
+      n, kernel = grid[0] * grid[1], (DOWNSAMPLE if i else STEM)[0]
+      hidden = int(width * self.mlp_ratios[i])
+      entry, options = attn_registry.check(self.attention_spec(i), self.impl)
+      attn = entry.macs(n, width=width, num_heads=self.num_heads[i], **{**options, "num_prefix": 0})
+      total += n * kernel * kernel * prev * width
+      total += self.depths[i] * (attn + 2 * n * width * hidden + 9 * n * hidden)
+      prev = width
+    return total
 
   def token_warmup(self, steps_per_epoch: int):
     del steps_per_epoch

@@ -130,7 +130,9 @@ def reducer_macs(model, channels: int = 3) -> int:
 
 def model_macs(model, channels: int = 3, ahead: str = "recompute") -> int:
   """Analytic MACs of a built ViT (one image), each block's attention counted as registered; the
-  reducer's own work is `reducer_macs`."""
+  reducer's own work is `reducer_macs`. A backbone with its own count (PVTv2) gives `macs`."""
+  if hasattr(model, "macs"):
+    return model.macs(channels)
   grid = model.grid
   return vit_macs(block_counts(model, channels), width=model.width, mlp_dim=model.mlp_dim,
                   num_patches=grid[0] * grid[1], patch_size=model.patch_size, channels=channels,
