@@ -43,8 +43,8 @@ def _module(fmt: Optional[str], path: str, model=None, raw: Optional[Mapping] = 
     raise ValueError(f"unknown checkpoint format {fmt!r}; valid: {', '.join(FORMATS)}")
   families = [f for f in TIMM_FAMILIES if isinstance(model, f.MODEL)]
   if families and FORMATS[fmt] is not timm:
-    raise ValueError(f"{type(model).__name__} checkpoints are timm files ({', '.join(timm.SUFFIXES)}), "
-                     f"not {fmt}")
+    raise ValueError(f"{type(model).__name__} checkpoints are timm files "
+                     f"({', '.join(timm.SUFFIXES)}), not {fmt}")
   if FORMATS[fmt] is timm:
     for family in TIMM_FAMILIES:
       if isinstance(model, family.MODEL) or (raw is not None and family.matches(raw)):
