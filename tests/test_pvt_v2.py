@@ -105,7 +105,7 @@ def test_other_attention_with_drop_path_in_training():
 
 @pytest.mark.parametrize("cfg, match", [
     (dict(variant="b3"), "unknown PVTv2 variant 'b3'; valid: b0, b1, b2"),
-    (dict(tokens={"name": "evit", "keep_rate": 0.7}), "valid: tokens=None"),
+    (dict(tokens={"name": "evit", "keep_rate": 0.7}), "valid: tokens=None or 'none'"),
     (dict(scan=True), "valid: scan=False"),
     (dict(depths=(1, 1, 1)), "give one per stage"),
     (dict(num_heads=(1, 3, 5, 8)), "not divisible by 3 heads"),
@@ -118,6 +118,9 @@ def test_config_errors_name_what_is_valid(cfg, match):
 def test_image_size_must_fit_the_sr_ratios():
   with pytest.raises(ValueError, match="multiple of 32"):
     models.build({"name": "pvt_v2", "variant": "b0"}, num_classes=10, image_size=48)
+  model = models.build({"name": "pvt_v2", "variant": "b0", "tokens": {"name": "none"}},
+                       num_classes=10, image_size=96)  # the default configs' "no reducer"
+  assert model.grids == [(24, 24), (12, 12), (6, 6), (3, 3)]
 
 
 def test_layer_decay_groups_follow_timm():

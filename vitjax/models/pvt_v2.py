@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitjax import tokens as tokens_lib
 from vitjax.attention import registry as attn_registry
 from vitjax.models.stage import Stage, drop_path_rates
 
@@ -153,13 +154,20 @@ class PVTv2(nn.Module):
       grids.append(grid)
     return grids
 
-  def attention_spec(self, i: int):
+  def attention_spec(self, i: int) -> dict:
+    """Stage i's attention: `attention` as a dict, with the stage's sr_ratio for `sra`."""
     spec = self.attention
-    spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec) \
-        if not isinstance(spec, str) else {"name": spec}
+    if isinstance(spec, str):
+      spec = {"name": spec}
+    spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
     if spec["name"] == "sra":
       spec.setdefault("sr_ratio", self.sr_ratios[i])
     return spec
+
+  def sr_ratio(self, i: int) -> int:
+    """How much stage i's attention pools its grid (1: not at all)."""
+    spec = self.attention_spec(i)
+    return spec["sr_ratio"] if spec["name"] == "sra" else 1
 
   def stages(self) -> list:
     """The pyramid stages (unbound): their blocks, grids and widths."""
@@ -205,20 +213,20 @@ class PVTv2(nn.Module):
       if len(getattr(self, name)) != n:
         raise ValueError(f"PVTv2 {name} has {len(getattr(self, name))} entries for {n} stages "
                          f"(depths={tuple(self.depths)}); give one per stage")
-    if self.tokens is not None:
+    if tokens_lib.registry.split_spec(self.tokens)[0] != "none":
       raise ValueError(f"PVTv2 takes no token reducer (tokens={self.tokens!r}): its stages need "
-                       "every token of their grid; valid: tokens=None")
+                       "every token of their grid; valid: tokens=None or 'none'")
     if self.scan:
       raise ValueError("PVTv2 has no scan over blocks (its stages differ); valid: scan=False")
     for i, (grid, width, heads) in enumerate(zip(self.grids, self.embed_dims, self.num_heads)):
       if width % heads:
         raise ValueError(f"PVTv2 stage {i}: width {width} is not divisible by {heads} heads")
-      r = self.attention_spec(i).get("sr_ratio", 1) if self.attention_spec(i)["name"] == "sra" \
-          else 1
+      r = self.sr_ratio(i)
       if grid[0] % r or grid[1] % r:
         raise ValueError(f"PVTv2 stage {i}: its {grid[0]}x{grid[1]} grid (image "
                          f"{tuple(self.image_size)}) is not divisible by sr_ratio {r}; use an "
-                         "image size that is a multiple of 32 (e.g. 224)")
+                         "image size and sr_ratios that divide (with sr 8, 4, 2, 1: a multiple "
+                         "of 32, e.g. 224)")
     for stage in self.stages():
       stage.stage().check()
 

@@ -86,6 +86,7 @@ class Block(nn.Module):
   attention: Any  # attention spec: name or dict(name=..., **options)
   num_heads: int
   mlp_dim: int
+  mlp_grid: Optional[tuple] = None  # (h, w): the MLP gets PVTv2's depthwise conv on this grid
   dropout: float = 0.0
   attn_dropout: float = 0.0
   drop_path_rate: Any = 0.0
@@ -95,7 +96,6 @@ class Block(nn.Module):
   impl: str = "reference"
   gelu_approximate: bool = False
   dtype: Any = jnp.float32
-  mlp_grid: Optional[tuple] = None  # (h, w): the MLP gets PVTv2's depthwise conv on this grid
 
   def setup(self):
     self.norm1 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
