@@ -149,6 +149,11 @@ def test_timm_names_round_trip_and_official_names(tiny_params, tmp_path):
   again = timm_pvt_v2.from_timm(official, model)
   np.testing.assert_array_equal(again["stage_2"]["block_1"]["attn"]["kv"]["kernel"],
                                 back["stage_2"]["block_1"]["attn"]["kv"]["kernel"])
+  five = models.build({"name": "pvt_v2", "variant": "b0", **TINY}, num_classes=5, image_size=SIZE)
+  merged = checkpoints.load_into(path, five, random_params(five), skip=("head",))
+  assert merged["head"]["kernel"].shape == (64, 5)
+  np.testing.assert_array_equal(merged["stage_3"]["norm"]["scale"],
+                                back["stage_3"]["norm"]["scale"])
   cfg = checkpoints.model_config(path)
   assert cfg["embed_dims"] == TINY["embed_dims"] and cfg["depths"] == TINY["depths"]
   assert cfg["sr_ratios"] == (8, 4, 2, 1) and cfg["mlp_ratios"] == (8, 8, 4, 4)
