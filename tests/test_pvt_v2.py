@@ -21,8 +21,9 @@ from vitjax.train import recipe
 import timm_env
 
 # sum(p.numel() for p in timm.create_model("pvt_v2_bX").parameters()), timm 1.0.31
-TIMM_PARAMS = {"b0": 3_666_760, "b1": 14_009_000, "b2": 25_362_856}
-PAPER_GFLOPS = {"b0": 0.6, "b1": 2.1, "b2": 4.0}  # the PVTv2 paper (multiply-adds at 224 px)
+TIMM_PARAMS = {"b0": 3_666_760, "b1": 14_009_000, "b2": 25_362_856, "b2_li": 22_553_512}
+# the PVTv2 paper (multiply-adds at 224 px)
+PAPER_GFLOPS = {"b0": 0.6, "b1": 2.1, "b2": 4.0, "b2_li": 3.9}
 # a reduced PVTv2 with every code path of the real ones: sr 8, 4, 2 (conv + LN) and 1 (none)
 TINY = dict(embed_dims=(16, 32, 40, 64), depths=(1, 1, 2, 1))
 SIZE = 64
@@ -198,9 +199,16 @@ TORCH_SCRIPT = """
     theirs.load_state_dict(load_file(f"{out}/ours.safetensors"), strict=True)
     with torch.no_grad():
         exported = theirs(x)
+    linear = timm.create_model("pvt_v2_b0", pretrained=False, linear=True,
+                               **cases["linear"]).eval()
+    perturb(linear)
+    save_file({k: v.contiguous() for k, v in linear.state_dict().items()},
+              f"{out}/timm_li.safetensors")
+    with torch.no_grad():
+        linear_logits = linear(x)
     np.savez(f"{out}/ref.npz", x=x.detach().permute(0, 2, 3, 1).numpy(),
              logits=logits.detach().numpy(), grad=x.grad.permute(0, 2, 3, 1).numpy(),
-             exported=exported.numpy())
+             exported=exported.numpy(), linear=linear_logits.numpy())
 """
 
 
@@ -212,7 +220,8 @@ def timm_reference(tmp_path_factory, tiny_params):
     pytest.skip("set VITJAX_TORCH_PYTHON to a python with torch + timm (.ci/torch_env.sh)")
   out = tmp_path_factory.mktemp("timm_pvt")
   checkpoints.save(str(out / "ours.safetensors"), tiny_params, tiny())
-  cases = {"kwargs": dict(TINY, num_classes=10), "size": SIZE}
+  cases = {"kwargs": dict(TINY, num_classes=10), "size": SIZE,
+           "linear": dict(TWO_STAGES, num_classes=10)}
   timm_env.reference(TORCH_SCRIPT, cases, out)
   return str(out), dict(np.load(out / "ref.npz"))
 
@@ -228,6 +237,18 @@ def test_logits_and_gradient_match_timm(timm_reference):
   np.testing.assert_allclose(np.asarray(ours), ref["logits"], atol=1e-4, rtol=0)
   scale = float(np.abs(ref["grad"]).max())
   np.testing.assert_allclose(np.asarray(grad), ref["grad"], atol=1e-4 * scale, rtol=0)
+
+
+def test_linear_sra_logits_match_timm(timm_reference):
+  """pvt_v2_*_li: keys and values from a 7x7 average pool (here of 16x16 and 8x8 grids), a ReLU
+  before the MLP's depthwise conv; told apart by its 1x1 attn.sr."""
+  out, ref = timm_reference
+  path = os.path.join(out, "timm_li.safetensors")
+  model = checkpoints.build_model(path, image_size=SIZE, num_heads=TWO_STAGES["num_heads"])
+  assert model.linear and model.depths == TWO_STAGES["depths"]
+  params = checkpoints.load(path, model)
+  ours = jax.jit(model.apply)({"params": params}, jnp.asarray(ref["x"]))[0]
+  np.testing.assert_allclose(np.asarray(ours), ref["linear"], atol=1e-4, rtol=0)
 
 
 def test_exported_parameters_load_strictly_into_timm(timm_reference, tiny_params):

@@ -12,8 +12,8 @@ timm's checkpoint_filter_fn does). Names map one to one:
   stages.{i}.norm, head                      stage_{i}/norm, head
   .weight of a LayerNorm                     /scale
 
-timm stores no head counts: they are PVTv2's (1, 2, 5, 8) unless `num_heads` says otherwise. The
-linear-SRA checkpoints (pvt_v2_*_li: a 1x1 `attn.sr` in the last stage) are refused.
+timm stores no head counts: they are PVTv2's (1, 2, 5, 8) unless `num_heads` says otherwise. A
+1x1 `attn.sr` marks the linear-SRA models (pvt_v2_*_li): `linear=True`.
 """
 import re
 from typing import Iterable, Mapping, Optional, Sequence
@@ -91,13 +91,14 @@ def model_config(sd: Mapping, *, num_heads: Optional[Sequence[int]] = None) -> d
     depths.append(len(blocks))
     srs.append(1 if sr is None else int(sr.shape[-1]))
     ratios.append(int(sd[f"stages.{i}.blocks.0.mlp.fc1.weight"].shape[0]) / width)
-  if any(k.endswith("attn.sr.weight") and sd[k].shape[-1] == 1 for k in sd):
-    raise common.CheckpointMismatch("a linear-SRA PVTv2 checkpoint (pvt_v2_*_li: a 1x1 attn.sr "
-                                    "in the last stage) is not supported; use pvt_v2_b0..b5")
+  # linear SRA: a 1x1 attn.sr in every stage (a strided one is R x R, and R = 1 has none)
+  linear = any(k.endswith("attn.sr.weight") and sd[k].shape[-1] == 1 for k in sd)
+  if linear:
+    srs = [8, 4, 2, 1][:len(stages)]  # not stored, and not used by linear SRA
   heads = tuple(num_heads) if num_heads else (1, 2, 5, 8)[:len(stages)]
   return dict(name="pvt_v2", embed_dims=tuple(dims), depths=tuple(depths), num_heads=heads,
               sr_ratios=tuple(srs), mlp_ratios=tuple(int(r) if r == int(r) else r for r in ratios),
-              qkv_bias="stages.0.blocks.0.attn.q.bias" in sd,
+              qkv_bias="stages.0.blocks.0.attn.q.bias" in sd, linear=linear,
               num_classes=int(sd["head.weight"].shape[0]) if "head.weight" in sd else 0,
               image_size=224)
 

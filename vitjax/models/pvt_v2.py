@@ -43,14 +43,18 @@ VARIANTS = {
     "b1": ((64, 128, 320, 512), (2, 2, 2, 2)),
     "b2": ((64, 128, 320, 512), (3, 4, 6, 3)),
 }
+LINEAR_VARIANTS = {"b2_li": "b2"}  # linear SRA: keys and values pooled to 7x7
 STEM = (7, 4)        # kernel, stride of the first patch embedding (padding kernel // 2)
 DOWNSAMPLE = (3, 2)  # the same for stages 1..3
 
 
 def decode_variant(variant: str) -> dict:
-  """"b0" -> dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2))."""
+  """"b0" -> dict(embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2)); "b2_li" adds linear=True."""
+  if variant in LINEAR_VARIANTS:
+    return dict(decode_variant(LINEAR_VARIANTS[variant]), linear=True)
   if variant not in VARIANTS:
-    raise ValueError(f"unknown PVTv2 variant {variant!r}; valid: {', '.join(VARIANTS)}")
+    raise ValueError(f"unknown PVTv2 variant {variant!r}; valid: "
+                     f"{', '.join([*VARIANTS, *LINEAR_VARIANTS])}")
   dims, depths = VARIANTS[variant]
   return dict(embed_dims=dims, depths=depths)
 
@@ -121,6 +125,7 @@ class PVTv2(nn.Module):
   mlp_ratios: Sequence[float] = (8, 8, 4, 4)
   image_size: Sequence[int] = (224, 224)
   qkv_bias: bool = True
+  linear: bool = False  # linear SRA (K, V from a 7x7 average pool) and a ReLU before the dwconv
   drop_path: float = 0.0
   dropout: float = 0.0       # in the blocks (timm's proj_drop_rate)
   attn_dropout: float = 0.0
@@ -162,12 +167,14 @@ class PVTv2(nn.Module):
     spec = dict(spec.to_dict() if hasattr(spec, "to_dict") else spec)
     if spec["name"] == "sra":
       spec.setdefault("sr_ratio", self.sr_ratios[i])
+      if self.linear:
+        spec.setdefault("linear", True)
     return spec
 
   def sr_ratio(self, i: int) -> int:
     """How much stage i's attention pools its grid (1: not at all)."""
     spec = self.attention_spec(i)
-    return spec["sr_ratio"] if spec["name"] == "sra" else 1
+    return spec["sr_ratio"] if spec["name"] == "sra" and not spec.get("linear") else 1
 
   def stages(self) -> list:
     """The pyramid stages (unbound): their blocks, grids and widths."""
@@ -178,7 +185,8 @@ class PVTv2(nn.Module):
       block = dict(attention=self.attention_spec(i), num_heads=self.num_heads[i],
                    mlp_dim=int(width * self.mlp_ratios[i]), dropout=self.dropout,
                    attn_dropout=self.attn_dropout, qkv_bias=self.qkv_bias, impl=self.impl,
-                   gelu_approximate=self.gelu_approximate, mlp_grid=grid, dtype=self.dtype)
+                   gelu_approximate=self.gelu_approximate, mlp_grid=grid,
+                   mlp_relu=self.linear, dtype=self.dtype)
       blocks = [dict(block, drop_path_rate=r) for r in rates[start:start + depth]]
       out.append(PyramidStage(blocks=blocks, grid=grid, width=width, downsample=i > 0,
                               remat=self.remat, dtype=self.dtype, parent=None))

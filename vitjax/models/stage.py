@@ -39,13 +39,14 @@ class Mlp(nn.Module):
   gelu_approximate: bool = False
   dtype: Any = jnp.float32
   dwconv_grid: Optional[tuple] = None  # (h, w): PVTv2's depthwise 3x3 conv over the token grid
+  dwconv_relu: bool = False  # a ReLU before that conv (PVTv2's linear-SRA models)
 
   @nn.compact
   def __call__(self, x, deterministic=True):
     width = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
     if self.dwconv_grid is not None:  # between fc1 and the activation, as PVTv2
-      x = depthwise_conv3x3(x, self.dwconv_grid, self.dtype)
+      x = depthwise_conv3x3(nn.relu(x) if self.dwconv_relu else x, self.dwconv_grid, self.dtype)
     x = nn.gelu(x, approximate=self.gelu_approximate)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     x = nn.Dense(width, dtype=self.dtype, name="fc2")(x)
@@ -87,6 +88,7 @@ class Block(nn.Module):
   num_heads: int
   mlp_dim: int
   mlp_grid: Optional[tuple] = None  # (h, w): the MLP gets PVTv2's depthwise conv on this grid
+  mlp_relu: bool = False  # with mlp_grid: a ReLU before that conv (PVTv2's linear-SRA models)
   dropout: float = 0.0
   attn_dropout: float = 0.0
   drop_path_rate: Any = 0.0
@@ -105,7 +107,7 @@ class Block(nn.Module):
                                impl=self.impl)
     self.norm2 = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
     self.mlp = Mlp(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype,
-                   dwconv_grid=self.mlp_grid)
+                   dwconv_grid=self.mlp_grid, dwconv_relu=self.mlp_relu)
     if self.layerscale is not None:
       self.ls1, self.ls2 = LayerScale(self.layerscale), LayerScale(self.layerscale)
 
