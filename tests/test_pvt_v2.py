@@ -1,6 +1,7 @@
 """PVTv2: parameter counts equal timm's, a tiny model's forward / gradient / bf16 / jit, timm
-parity of logits and input gradients on a reduced PVTv2 (stages with sr 8, 4, 2, 1), export that
-timm loads strictly, config-time errors, layer-wise lr decay groups, an 8-device train step.
+parity of logits and input gradients on a reduced PVTv2 (stages with sr 8, 4, 2, 1) and of logits
+on a reduced linear-SRA one, export that timm loads strictly, config-time errors, layer-wise lr
+decay groups, an 8-device train step.
 
 Parity needs `VITJAX_TORCH_PYTHON` (see tests/timm_env.py); it is skipped otherwise.
 """

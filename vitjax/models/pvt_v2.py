@@ -15,15 +15,17 @@ github.com/huggingface/pytorch-image-models, itself from github.com/whai362/PVT
              LayerNorm
   head       mean over the last stage's tokens, Linear
 
+`linear=True` (variant "b2_li"): linear SRA, K and V from GELU(LN(Conv_1x1(AvgPool_7x7(grid))))
+in every stage, and a ReLU between fc1 and the depthwise conv.
+
 LayerNorms: eps 1e-6 in the blocks and after each stage (timm's LayerNorm), 1e-5 after the patch
 embeddings and inside SRA (PyTorch's default, as timm). Stochastic depth rises linearly over all
-blocks of all stages (timm). Variants "b0", "b1", "b2" (timm's pvt_v2_b0/b1/b2).
+blocks of all stages (timm). Variants "b0", "b1", "b2", "b2_li" (timm's pvt_v2_b0/b1/b2/b2_li).
 
 Deviations from timm: the attention of the blocks can be any registered mechanism (default "sra",
 which gets each stage's sr_ratio); token reduction and `scan` are refused (the stages' grids and
-the depthwise conv need every token); the linear-SRA form (pvt_v2_b2_li, with its extra ReLU in
-the MLP) is not built here; parameters are initialised with flax's defaults except the patch
-embeddings (timm's fan-out normal) and the head (truncated normal 0.02, as timm).
+the depthwise conv need every token); parameters are initialised with flax's defaults except the
+patch embeddings (timm's fan-out normal) and the head (truncated normal 0.02, as timm).
 """
 import math
 from typing import Any, Sequence
