@@ -18,7 +18,7 @@ def build(model_cfg, *, num_classes: int, image_size, dtype: str = "float32"):
 
   model_cfg fields: name ("vit"), variant ("S/16"), and any ViT field as an override
   (width, depth, mlp_dim, num_heads, patch_size, pool, attention, tokens, ...); name "pvt_v2"
-  takes variant "b0" / "b1" / "b2" and PVTv2's fields.
+  takes variant "b0" / "b1" / "b2" / "b2_li" and PVTv2's fields.
   """
   cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
   name = cfg.pop("name", "vit")
