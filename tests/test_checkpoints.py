@@ -4,17 +4,17 @@ and logits parity with timm (random weights) when a PyTorch interpreter is given
 Parity needs `VITJAX_TORCH_PYTHON=/path/to/venv/bin/python` (torch + timm; `.ci/torch_env.sh`
 builds one); it is skipped otherwise. Everything else runs without torch.
 """
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import timm_reference as timm_reference_lib
 
 from vitjax import checkpoints, models
 from vitjax.checkpoints import big_vision, common, timm
+
+import timm_reference as timm_reference_lib
 
 SIZE = 16
 

@@ -1,5 +1,5 @@
-"""Pretrained checkpoints in and out: timm (`.safetensors`, `.pth`; ViT and Swin) and big_vision
-(`.npz`; ViT).
+"""Pretrained checkpoints in and out: timm (`.safetensors`, `.pth`; ViT, Swin, PVTv2) and
+big_vision (`.npz`; ViT).
 
   model, params = checkpoints.load_model("deit_small.safetensors")   # architecture + weights
   model = checkpoints.build_model("deit_small.safetensors", tokens=dict(name="evit", keep_rate=0.7))
@@ -14,10 +14,12 @@ import os
 from typing import Iterable, Mapping, Optional
 
 from vitjax import models
-from vitjax.checkpoints import big_vision, common, timm, timm_swin
+from vitjax.checkpoints import big_vision, common, timm, timm_pvt_v2, timm_swin
 from vitjax.checkpoints.common import CheckpointMismatch, merge  # noqa: F401
 
 FORMATS = {"timm": timm, "big_vision": big_vision}
+# timm model families besides the ViT: modules with MODEL (our class) and matches(state dict)
+TIMM_FAMILIES = (timm_swin, timm_pvt_v2)
 
 
 def detect_format(path: str) -> str:
@@ -35,22 +37,20 @@ def is_pretrained_file(path) -> bool:
   return os.path.isfile(str(path)) and os.path.splitext(str(path))[1] in (*timm.SUFFIXES, ".npz")
 
 
-def _module(fmt: Optional[str], path: str):
+def _module(fmt: Optional[str], path: str, model=None, raw: Optional[Mapping] = None):
+  """The converter for a format; for timm, the family of `model` or of the state dict `raw`."""
   fmt = fmt or detect_format(path)
   if fmt not in FORMATS:
     raise ValueError(f"unknown checkpoint format {fmt!r}; valid: {', '.join(FORMATS)}")
+  families = [f for f in TIMM_FAMILIES if isinstance(model, f.MODEL)]
+  if families and FORMATS[fmt] is not timm:
+    raise ValueError(f"{type(model).__name__} checkpoints are timm files "
+                     f"({', '.join(timm.SUFFIXES)}), not {fmt}")
+  if FORMATS[fmt] is timm:
+    for family in TIMM_FAMILIES:
+      if isinstance(model, family.MODEL) or (raw is not None and family.matches(raw)):
+        return family
   return FORMATS[fmt]
-
-
-def _converter(mod, *, model=None, raw=None):
-  """timm files hold ViTs or Swins: the Swin converter for a Swin model or state dict."""
-  if mod is big_vision and model is not None and timm_swin.is_swin_model(model):
-    raise ValueError("Swin checkpoints are timm files here; valid suffixes: "
-                     f"{', '.join(timm.SUFFIXES)}")
-  if mod is timm and ((model is not None and timm_swin.is_swin_model(model))
-                      or (raw is not None and timm_swin.is_swin_state_dict(raw))):
-    return timm_swin
-  return mod
 
 
 def read(path: str, fmt: Optional[str] = None) -> dict:
@@ -62,13 +62,13 @@ def read(path: str, fmt: Optional[str] = None) -> dict:
 def model_config(path: str, fmt: Optional[str] = None, **kw) -> dict:
   """The architecture stored in a file: vitjax model fields plus num_classes and image_size."""
   raw = read(path, fmt)
-  return _converter(_module(fmt, path), raw=raw).model_config(raw, **kw)
+  return _module(fmt, path, raw=raw).model_config(raw, **kw)
 
 
 def build_model(path: str, *, fmt: Optional[str] = None, num_classes: Optional[int] = None,
                 image_size=None, dtype: str = "float32", num_heads: Optional[int] = None,
                 **overrides):
-  """A ViT or Swin with the architecture of the file (any field overridable, e.g. tokens=...),
+  """A ViT, Swin or PVTv2 with the architecture of the file (any field overridable, e.g. tokens=...),
   without its weights: `load_model` gives both."""
   kw = {"num_heads": num_heads} if num_heads else {}
   cfg = model_config(path, fmt, **kw)
@@ -86,7 +86,7 @@ def load_model(path: str, *, fmt: Optional[str] = None, **build_kw):
 
 def load(path: str, model, *, fmt: Optional[str] = None, skip: Iterable[str] = (), **kw) -> dict:
   """Parameters for `model` from a timm / big_vision file (see the format modules)."""
-  return _converter(_module(fmt, path), model=model).load(path, model, skip=skip, **kw)
+  return _module(fmt, path, model).load(path, model, skip=skip, **kw)
 
 
 def load_into(path: str, model, init_params: Mapping, *, fmt: Optional[str] = None,
@@ -97,4 +97,4 @@ def load_into(path: str, model, init_params: Mapping, *, fmt: Optional[str] = No
 
 def save(path: str, params: Mapping, model, *, fmt: Optional[str] = None):
   """Writes `params` of `model` in the format of `path`'s suffix (or `fmt`)."""
-  _converter(_module(fmt, path), model=model).save(path, params, model)
+  _module(fmt, path, model).save(path, params, model)

@@ -30,13 +30,11 @@ MARKER = "layers.0.blocks.0.attn.relative_position_bias_table"
 BUFFERS = ("relative_position_index", "attn_mask")
 RENAMES = {"embedding_kernel": "patch_embed.proj.weight", "embedding_bias": "patch_embed.proj.bias",
            "head/kernel": "head.fc.weight", "head/bias": "head.fc.bias"}
+MODEL = Swin
 
 
-def is_swin_model(model) -> bool:
-  return isinstance(model, Swin)
-
-
-def is_swin_state_dict(sd: Mapping) -> bool:
+def matches(sd: Mapping) -> bool:
+  """True for a Swin state dict (timm's names or the official ones)."""
   return any(k.endswith(MARKER) for k in sd)
 
 

@@ -38,15 +38,39 @@ class Mlp(nn.Module):
   dropout: float = 0.0
   gelu_approximate: bool = False
   dtype: Any = jnp.float32
+  dwconv_grid: Optional[tuple] = None  # (h, w): PVTv2's depthwise 3x3 conv over the token grid
+  dwconv_relu: bool = False  # a ReLU before that conv (PVTv2's linear-SRA models)
 
   @nn.compact
   def __call__(self, x, deterministic=True):
     width = x.shape[-1]
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
+    if self.dwconv_grid is not None:  # between fc1 and the activation, as PVTv2
+      x = depthwise_conv3x3(nn.relu(x) if self.dwconv_relu else x, self.dwconv_grid, self.dtype)
     x = nn.gelu(x, approximate=self.gelu_approximate)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     x = nn.Dense(width, dtype=self.dtype, name="fc2")(x)
     return nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+
+def drawn_as_matrix(init):
+  """A fan-in initialiser of conv kernels [..., in, out] that draws the [prod(...) * in, out]
+  matrix and reshapes it: the same distribution, and XLA:CPU compiles a rank-2 draw several times
+  faster than a rank-4 one."""
+  def draw(key, shape, dtype=jnp.float32):
+    return init(key, (int(np.prod(shape[:-1])), shape[-1]), dtype).reshape(shape)
+  return draw
+
+
+def depthwise_conv3x3(x, grid, dtype):
+  """[B, h*w, C] tokens in raster order -> a depthwise 3x3 conv (padding 1, bias) of their grid."""
+  b, n, c = x.shape
+  if n != grid[0] * grid[1]:
+    raise ValueError(f"the MLP's depthwise conv got {n} tokens for a {grid[0]}x{grid[1]} grid; "
+                     "it needs every grid token (no prefix tokens, no token reduction)")
+  conv = nn.Conv(c, (3, 3), padding=1, feature_group_count=c, dtype=dtype, name="dwconv",
+                 kernel_init=drawn_as_matrix(nn.initializers.lecun_normal()))
+  return conv(x.reshape(b, *grid, c)).reshape(b, n, c)
 
 
 class LayerScale(nn.Module):
@@ -63,6 +87,8 @@ class Block(nn.Module):
   attention: Any  # attention spec: name or dict(name=..., **options)
   num_heads: int
   mlp_dim: int
+  mlp_grid: Optional[tuple] = None  # (h, w): the MLP gets PVTv2's depthwise conv on this grid
+  mlp_relu: bool = False  # with mlp_grid: a ReLU before that conv (PVTv2's linear-SRA models)
   dropout: float = 0.0
   attn_dropout: float = 0.0
   drop_path_rate: Any = 0.0
@@ -81,7 +107,8 @@ class Block(nn.Module):
                                attn_drop=self.attn_dropout, proj_drop=self.dropout,
                                impl=self.impl)
     self.norm2 = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype)
-    self.mlp = Mlp(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype)
+    self.mlp = Mlp(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype,
+                   dwconv_grid=self.mlp_grid, dwconv_relu=self.mlp_relu)
     if self.layerscale is not None:
       self.ls1, self.ls2 = LayerScale(self.layerscale), LayerScale(self.layerscale)
 

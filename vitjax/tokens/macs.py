@@ -130,7 +130,7 @@ def reducer_macs(model, channels: int = 3) -> int:
 
 def model_macs(model, channels: int = 3, ahead: str = "recompute") -> int:
   """Analytic MACs of a built ViT (one image), each block's attention counted as registered; the
-  reducer's own work is `reducer_macs`. A backbone with its own count (Swin) gives it."""
+  reducer's own work is `reducer_macs`. A backbone with its own count (Swin, PVTv2) gives it."""
   if hasattr(model, "macs"):
     return model.macs(channels)
   grid = model.grid

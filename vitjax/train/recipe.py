@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-EMBEDDING = ("embedding_kernel", "embedding_bias", "cls", "dist", "registers", "pos_embedding")
+EMBEDDING = ("embedding_kernel", "embedding_bias", "cls", "dist", "registers", "pos_embedding",
+             "patch_embed")
 DISTILL_TYPES = ("hard", "soft")
 
 
@@ -131,11 +132,12 @@ def ema_decay(config) -> Optional[float]:
 # ------------------------------------------------------------------ layer-wise lr decay
 def layer_id(path: str, depth: int) -> int:
   """0 for the embedding and prefix tokens, i + 1 for block i (and its reducer), depth + 1 for
-  the final norm and heads (timm's param_groups_layer_decay for ViT)."""
+  the final norm and heads (timm's param_groups_layer_decay for ViT); i + 1 for stage i of a
+  backbone that groups by stage (PVTv2, whose `depth` is its number of stages, as timm)."""
   first = path.split("/")[0]
   if first in EMBEDDING:
     return 0
-  for prefix in ("block_", "reduce_"):
+  for prefix in ("block_", "reduce_", "stage_"):  # stage_i: a hierarchical backbone's stage
     if first.startswith(prefix) and first[len(prefix):].isdigit():
       return int(first[len(prefix):]) + 1
   return depth + 1

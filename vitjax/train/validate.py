@@ -108,11 +108,11 @@ def _model(model) -> None:
     return
   for key in MODEL_POSITIVE_INTS:
     value = model.get(key)
-    # Swin gives num_heads per stage
-    values = value if isinstance(value, (list, tuple)) and key == "num_heads" else [value]
-    if value is not None and any(not _is_int(v) or v < 1 for v in values):
-      per_stage = " (or one per stage, Swin)" if key == "num_heads" else ""
-      raise ValueError(f"model.{key} must be a positive int{per_stage}, got {value!r}")
+    if isinstance(value, (tuple, list)) and value:  # one per stage (Swin's, PVTv2's num_heads)
+      if any(not _is_int(v) or v < 1 for v in value):
+        raise ValueError(f"model.{key} must be positive ints (one per stage), got {value!r}")
+    elif value is not None and (not _is_int(value) or value < 1):
+      raise ValueError(f"model.{key} must be a positive int, got {value!r}")
   for key in MODEL_RATES:
     value = model.get(key)
     if value is not None and (not _is_number(value) or not 0 <= value < 1):
