@@ -4,6 +4,7 @@ and logits parity with timm (random weights) when a PyTorch interpreter is given
 Parity needs `VITJAX_TORCH_PYTHON=/path/to/venv/bin/python` (torch + timm; `.ci/torch_env.sh`
 builds one); it is skipped otherwise. Everything else runs without torch.
 """
+import json
 import os
 
 import jax
