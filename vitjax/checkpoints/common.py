@@ -230,6 +230,26 @@ def merge(init_params: Mapping, loaded: Mapping) -> dict:
   return unflatten({k: loaded_flat.get(k, v) for k, v in init_flat.items()})
 
 
+def from_state_dict(sd: Mapping, model, *, key, layout, fmt: str, model_config,
+                    skip: Iterable[str] = ()) -> dict:
+  """A cleaned state dict of a family whose parameters map one to one -> parameters for `model`.
+
+  key(path) is the state-dict key of our flat parameter name, layout(path, array) turns the
+  stored array into ours; skip: our names to leave out (e.g. ("head",)). Raises
+  CheckpointMismatch naming missing / unexpected keys and bad shapes.
+  """
+  skip = tuple(skip)
+  channels = np.shape(sd.get("patch_embed.proj.weight", np.zeros((0, 3))))[1]
+  abstract = flatten(abstract_params(model, channels))
+  names = {p: key(p) for p in abstract if not skipped(p, skip)}
+  ignored = {key(p) for p in abstract if skipped(p, skip)}
+  check_keys(set(sd) - ignored, set(names.values()), fmt=fmt,
+             hint=config_hint(model_config, sd))
+  flat = {p: layout(p, np.asarray(sd[k], np.float32)) for p, k in names.items()}
+  check_shapes(flat, abstract, fmt=fmt, names=names)
+  return unflatten(flat)
+
+
 def skipped(path: str, skip: Iterable[str]) -> bool:
   """True when `path` is, or lies under, one of the `skip` names (e.g. "head")."""
   return any(path == s or path.startswith(s + "/") for s in skip)

@@ -111,22 +111,10 @@ def to_timm(params: Mapping, model) -> dict:
 
 
 def from_timm(sd: Mapping, model, *, skip: Iterable[str] = ()) -> dict:
-  """A timm PVTv2 state dict -> parameters for `model` (nested dict of numpy arrays).
-
-  skip: our parameter names to leave out (e.g. ("head",)). Raises CheckpointMismatch naming
-  missing / unexpected keys and bad shapes.
-  """
-  sd = _clean(sd)
-  skip = tuple(skip)
-  channels = np.shape(sd.get("patch_embed.proj.weight", np.zeros((0, 3))))[1]
-  abstract = common.flatten(common.abstract_params(model, channels))
-  names = {p: timm_key(p) for p in abstract if not common.skipped(p, skip)}
-  ignored = {timm_key(p) for p in abstract if common.skipped(p, skip)}
-  common.check_keys(set(sd) - ignored, set(names.values()), fmt=FMT,
-                    hint=common.config_hint(model_config, sd))
-  flat = {p: from_torch_layout(p, np.asarray(sd[k], np.float32)) for p, k in names.items()}
-  common.check_shapes(flat, abstract, fmt=FMT, names=names)
-  return common.unflatten(flat)
+  """A timm PVTv2 state dict -> parameters for `model` (nested dict of numpy arrays); skip and
+  errors as `common.from_state_dict`."""
+  return common.from_state_dict(_clean(sd), model, key=timm_key, layout=from_torch_layout,
+                                fmt=FMT, model_config=model_config, skip=skip)
 
 
 def load(path: str, model, **kw) -> dict:
