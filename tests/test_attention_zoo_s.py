@@ -484,6 +484,10 @@ def test_hilo_errors_are_one_line():
   with pytest.raises(ValueError, match=r"^error: hilo takes no key bias or mask"):
     init(m, tokens((4, 4), 1), AttnContext(grid=(4, 4), valid=jnp.ones((2, 17), bool)))
   assert attn_lib.get("hilo").caps.cls_probs == "none"
+  for name in ("hilo", "gpsa"):
+    with pytest.raises(ValueError, match=rf"^error: {name} has no qk_norm"):
+      init(attn_lib.build(name, num_heads=H, dtype=jnp.float32, qk_norm=True), tokens((4, 4), 1),
+           AttnContext(grid=(4, 4), num_prefix=1))
 
 
 # ----------------------------------------------------------------------------- ConViT GPSA

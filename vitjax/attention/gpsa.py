@@ -75,6 +75,9 @@ class GPSA(Attention):
   locality_strength: float = 1.0
 
   def project(self, x):
+    if self.qk_norm:
+      raise ValueError("error: gpsa has no qk_norm (ConViT's GPSA normalises neither queries nor "
+                       "keys); use qk_norm=False")
     b, n, width = x.shape
     d = self.head_dim(width)
     qk = nn.Dense(2 * width, use_bias=self.qkv_bias, dtype=self.dtype, name="qk")(x)

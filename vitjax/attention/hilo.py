@@ -69,6 +69,9 @@ class HiLo(Attention):
     if ctx.key_bias is not None or ctx.valid is not None:
       raise ValueError("error: hilo takes no key bias or mask (its Lo-Fi keys are pooled "
                        "windows); use it before any token reduction")
+    if self.qk_norm:
+      raise ValueError("error: hilo has no qk_norm (LITv2's HiLo normalises neither queries nor "
+                       "keys); use qk_norm=False")
     if not 0.0 <= self.alpha <= 1.0 or self.window_size < 1:
       raise ValueError(f"error: hilo alpha={self.alpha}, window_size={self.window_size}; alpha "
                        "is in [0, 1] and the window an int >= 1")
