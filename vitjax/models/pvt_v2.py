@@ -34,9 +34,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vitjax import tokens as tokens_lib
 from vitjax.attention import registry as attn_registry
-from vitjax.models.stage import Stage, drop_path_rates
+from vitjax.models.stage import Stage, WithoutTokenReduction, drop_path_rates
 
 # variant: (embed dims, depths); all share heads (1, 2, 5, 8), sr ratios (8, 4, 2, 1) and
 # mlp ratios (8, 8, 4, 4)
@@ -117,7 +116,7 @@ class PyramidStage(nn.Module):
     return x.reshape(b, h, w, -1), out
 
 
-class PVTv2(nn.Module):
+class PVTv2(nn.Module, WithoutTokenReduction):
   """PVTv2. Returns (logits, out) with out["stage_{i}"] the [B, h, w, D] map after stage i."""
   num_classes: int
   embed_dims: Sequence[int] = VARIANTS["b2"][0]
@@ -209,13 +208,6 @@ class PVTv2(nn.Module):
       prev = width
     return total
 
-  def token_warmup(self, steps_per_epoch: int):
-    del steps_per_epoch
-    return None  # no token reducer
-
-  def after_update(self):
-    return None
-
   def validate(self):
     """Config-time checks; raises ValueError naming what would be valid."""
     n = self.num_stages
@@ -223,11 +215,8 @@ class PVTv2(nn.Module):
       if len(getattr(self, name)) != n:
         raise ValueError(f"PVTv2 {name} has {len(getattr(self, name))} entries for {n} stages "
                          f"(depths={tuple(self.depths)}); give one per stage")
-    if tokens_lib.registry.split_spec(self.tokens)[0] != "none":
-      raise ValueError(f"PVTv2 takes no token reducer (tokens={self.tokens!r}): its stages need "
-                       "every token of their grid; valid: tokens=None or 'none'")
-    if self.scan:
-      raise ValueError("PVTv2 has no scan over blocks (its stages differ); valid: scan=False")
+    self.refuse_tokens_and_scan("PVTv2", "its stages need every token of their grid",
+                                "its stages differ")
     for i, (grid, width, heads) in enumerate(zip(self.grids, self.embed_dims, self.num_heads)):
       if width % heads:
         raise ValueError(f"PVTv2 stage {i}: width {width} is not divisible by {heads} heads")

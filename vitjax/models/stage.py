@@ -323,6 +323,27 @@ class Stage(nn.Module):
       out[f"token_state_{block}"] = state
 
 
+class WithoutTokenReduction:
+  """For a backbone that takes no token reducer: the trainer's reducer hooks, and the config-time
+  check that refuses a reducer and scanned blocks in one line."""
+
+  def token_warmup(self, steps_per_epoch: int):
+    del steps_per_epoch
+    return None
+
+  def after_update(self):
+    return None
+
+  def refuse_tokens_and_scan(self, family: str, tokens_why: str, scan_why: str):
+    name, _ = tokens_lib.registry.split_spec(self.tokens)
+    if name != "none":
+      raise ValueError(f"{family} takes no token reducer (tokens={name!r}): {tokens_why}; "
+                       "valid: tokens=None or 'none'")
+    if self.scan:
+      raise ValueError(f"{family} cannot scan its blocks (scan=True): {scan_why}; valid: "
+                       "scan=False")
+
+
 def drop_path_rates(rate: float, depth: int) -> list:
   """Stochastic depth rising linearly from 0 to `rate` over the blocks (DeiT, timm)."""
   return np.linspace(0.0, rate, depth).tolist()

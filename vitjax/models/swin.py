@@ -36,8 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitjax import attention as attn_lib
-from vitjax.models.stage import Stage, drop_path_rates
-from vitjax.tokens import registry as tokens_registry
+from vitjax.models.stage import Stage, WithoutTokenReduction, drop_path_rates
 
 # name: (embed_dim, depths, num_heads)
 VARIANTS = {
@@ -77,7 +76,7 @@ class PatchMerging(nn.Module):
     return nn.Dense(self.out_dim, use_bias=False, dtype=self.dtype, name="reduction")(x)
 
 
-class Swin(nn.Module):
+class Swin(nn.Module, WithoutTokenReduction):
   """Swin Transformer. Returns (logits, out); out["stage_{s}"] is stage s's [B, h, w, C] map."""
   num_classes: int
   patch_size: int = 4
@@ -154,23 +153,11 @@ class Swin(nn.Module):
       return 1 + int(offsets[int(first[len("merge_"):])])
     return self.depth + 1
 
-  # ----- the trainer's hooks (no token reducer here) -----
-  def token_warmup(self, steps_per_epoch: int):
-    del steps_per_epoch
-    return None
-
-  def after_update(self):
-    return None
-
   def validate(self):
     """Config-time checks; raises ValueError naming what would be valid."""
-    name, _ = tokens_registry.split_spec(self.tokens)
-    if name != "none":
-      raise ValueError(f"Swin takes no token reducer (tokens={name!r}): its window attention "
-                       "needs the full grid; valid: tokens=None or 'none'")
-    if self.scan:
-      raise ValueError("Swin cannot scan its blocks (scan=True): window and shifted-window blocks "
-                       "alternate; valid: scan=False (remat=True saves memory instead)")
+    self.refuse_tokens_and_scan("Swin", "its window attention needs the full grid",
+                                "window and shifted-window blocks alternate (remat=True saves "
+                                "memory instead)")
     n = len(self.depths)
     if n < 1 or len(self.num_heads) != n:
       raise ValueError(f"depths {tuple(self.depths)} and num_heads {tuple(self.num_heads)} must "
