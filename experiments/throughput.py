@@ -41,9 +41,10 @@ def median_time(fn, runs: int, warmup: int = 2) -> float:
 
 
 def vitjax_throughput(args) -> dict:
+  depth = {"depth": args.depth} if getattr(args, "depth", None) else {}
   model = models.build(dict(variant=args.variant, attention=dict(name=args.attention),
-                            impl=args.impl), num_classes=1000, image_size=args.image_size,
-                       dtype=args.dtype)
+                            impl=args.impl, **depth), num_classes=1000,
+                       image_size=args.image_size, dtype=args.dtype)
   x = jax.random.normal(jax.random.PRNGKey(0), (args.batch, args.image_size, args.image_size, 3))
   params = jax.jit(lambda: model.init(jax.random.PRNGKey(1), x[:1])["params"])()
   forward = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
@@ -105,6 +106,7 @@ def timm_throughput(args) -> dict:
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--variant", default="S/16")
+  p.add_argument("--depth", type=int, default=None, help="override the variant's depth")
   p.add_argument("--image_size", type=int, default=224)
   p.add_argument("--batch", type=int, default=32)
   p.add_argument("--dtype", default="float32")
