@@ -11,8 +11,8 @@ Meituan-AutoML/Twins `gvt.py`:
 Twins-SVT's blocks alternate, as timm's `ws=1 if wss is None or i % 2 == 1 else wss[k]`:
 even blocks locally-grouped self-attention (`twins_lsa`, ws x ws windows, no position bias, no
 shift), odd blocks global sub-sampled attention (`twins_gsa`: keys and values from an sr x sr
-stride-sr conv + LayerNorm, none when sr = 1). Twins-PCPVT (`window_sizes=None`) has GSA in every
-block; a window size of 1 makes a stage all-GSA too (timm's rule). There is no per-stage norm.
+stride-sr conv + LayerNorm, none when sr = 1). A window size of 1 makes a stage all-GSA (timm's
+rule): Twins-PCPVT is window_sizes (1, 1, 1, 1). There is no per-stage norm.
 
 LayerNorms: eps 1e-6 in the blocks and at the end (timm's norm_layer), 1e-5 after the patch
 embeddings and inside GSA (PyTorch's default, as timm). Stochastic depth rises linearly over all
@@ -29,7 +29,7 @@ Deviations from timm:
 - Initialisation: flax defaults except the patch embeddings (timm's fan-out normal) and the head
   (truncated normal 0.02, as timm); timm draws every Linear from a truncated normal (std 0.02).
 """
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -56,14 +56,31 @@ WINDOW = 7
 
 def decode_variant(variant: str) -> dict:
   """"svt_s" -> dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 10, 4), num_heads=(2, 4, 8,
-  16), mlp_ratios=(4, 4, 4, 4), window_sizes=(7, 7, 7, 7)); PCPVT's window_sizes is None."""
+  16), mlp_ratios=(4, 4, 4, 4), window_sizes=(7, 7, 7, 7)); PCPVT's window_sizes are 1 (GSA)."""
   table = {**SVT_VARIANTS, **PCPVT_VARIANTS}
   if variant not in table:
     raise ValueError(f"unknown Twins variant {variant!r}; valid: {', '.join(table)}")
   dims, depths, heads, ratios = table[variant]
-  windows = (WINDOW,) * len(depths) if variant in SVT_VARIANTS else None
+  windows = (WINDOW if variant in SVT_VARIANTS else 1,) * len(depths)
   return dict(embed_dims=dims, depths=depths, num_heads=heads, mlp_ratios=ratios,
               window_sizes=windows)
+
+
+class PatchConv(nn.Module):
+  """A p x p stride-p conv (no padding, the rest cut as PyTorch does) as a reshape and a matmul:
+  nn.Conv's parameters (kernel HWIO, bias), and XLA:CPU compiles its gradient much faster."""
+  width: int
+  patch: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    p, (b, h, w, c) = self.patch, x.shape
+    kernel = self.param("kernel", fan_out_normal, (p, p, c, self.width))
+    bias = self.param("bias", nn.initializers.zeros, (self.width,))
+    h, w = h // p, w // p
+    x = x[:, :h * p, :w * p].reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return jnp.einsum("bhwpqc,pqcd->bhwd", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
 class PatchEmbed(nn.Module):
@@ -74,9 +91,7 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    p = self.patch
-    x = nn.Conv(self.width, (p, p), strides=p, padding="VALID", dtype=self.dtype,
-                kernel_init=fan_out_normal, name="proj")(x)
+    x = PatchConv(self.width, self.patch, self.dtype, name="proj")(x)
     return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x)
 
 
@@ -115,7 +130,7 @@ class Twins(nn.Module, WithoutTokenReduction):
   depths: Sequence[int] = SVT_VARIANTS["svt_s"][1]
   num_heads: Sequence[int] = SVT_VARIANTS["svt_s"][2]
   mlp_ratios: Sequence[float] = SVT_VARIANTS["svt_s"][3]
-  window_sizes: Optional[Sequence[int]] = (WINDOW,) * 4  # None: PCPVT (GSA in every block)
+  window_sizes: Sequence[int] = (WINDOW,) * 4  # 1: GSA in every block of the stage (PCPVT)
   sr_ratios: Sequence[int] = (8, 4, 2, 1)
   image_size: Sequence[int] = (224, 224)
   qkv_bias: bool = True
@@ -151,7 +166,7 @@ class Twins(nn.Module, WithoutTokenReduction):
 
   def window(self, i: int) -> int:
     """Stage i's LSA window; 1 when the stage has GSA only (PCPVT)."""
-    return 1 if self.window_sizes is None else int(self.window_sizes[i])
+    return int(self.window_sizes[i])
 
   def attention_spec(self, i: int, j: int) -> dict:
     """Block j of stage i: LSA at even j when the stage has a window > 1, else GSA."""
@@ -210,9 +225,7 @@ class Twins(nn.Module, WithoutTokenReduction):
   def validate(self):
     """Config-time checks; raises ValueError naming what would be valid."""
     n = self.num_stages
-    names = ["embed_dims", "num_heads", "mlp_ratios", "sr_ratios"]
-    names += ["window_sizes"] if self.window_sizes is not None else []
-    for name in names:
+    for name in ("embed_dims", "num_heads", "mlp_ratios", "sr_ratios", "window_sizes"):
       if len(getattr(self, name)) != n:
         raise ValueError(f"Twins {name} has {len(getattr(self, name))} entries for {n} stages "
                          f"(depths={tuple(self.depths)}); give one per stage")
