@@ -66,23 +66,6 @@ def decode_variant(variant: str) -> dict:
               window_sizes=windows)
 
 
-class PatchConv(nn.Module):
-  """A p x p stride-p conv (no padding, the rest cut as PyTorch does) as a reshape and a matmul:
-  nn.Conv's parameters (kernel HWIO, bias), and XLA:CPU compiles its gradient much faster."""
-  width: int
-  patch: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    p, (b, h, w, c) = self.patch, x.shape
-    kernel = self.param("kernel", fan_out_normal, (p, p, c, self.width))
-    bias = self.param("bias", nn.initializers.zeros, (self.width,))
-    h, w = h // p, w // p
-    x = x[:, :h * p, :w * p].reshape(b, h, p, w, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return jnp.einsum("bhwpqc,pqcd->bhwd", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
-
-
 class PatchEmbed(nn.Module):
   """A p x p stride-p conv, then LayerNorm (eps 1e-5, as timm): [B,H,W,C] -> [B,H/p,W/p,D]."""
   width: int
@@ -91,7 +74,9 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    x = PatchConv(self.width, self.patch, self.dtype, name="proj")(x)
+    p = self.patch
+    x = nn.Conv(self.width, (p, p), strides=p, padding="VALID", dtype=self.dtype,
+                kernel_init=fan_out_normal, name="proj")(x)
     return nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x)
 
 
