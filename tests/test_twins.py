@@ -16,6 +16,7 @@ import pytest
 
 from vitjax import checkpoints, models
 from vitjax.checkpoints import common, timm_twins
+from vitjax.models.stage import Stage
 from vitjax.tokens import macs
 from vitjax.train import optim, recipe
 
@@ -114,6 +115,14 @@ def test_config_errors_name_what_is_valid(cfg, size, match):
   cfg = {"variant": "svt_s", **cfg}
   with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
     models.build({"name": "twins", **cfg}, num_classes=10, image_size=size)
+
+
+def test_stage_refuses_to_scan_over_a_peg():
+  block = dict(attention="mhsa", num_heads=1, mlp_dim=8)
+  stage = Stage(blocks=[block, block], grid=(2, 2), num_prefix=0, class_token=False, scan=True,
+                pos_conv_after=0)
+  with pytest.raises(ValueError, match=r"cannot place a PEG between blocks \(pos_conv_after=0\)"):
+    stage.check()
 
 
 def test_layer_decay_groups_and_weight_decay_follow_timm():
