@@ -27,15 +27,13 @@ which gets each stage's sr_ratio); token reduction and `scan` are refused (the s
 the depthwise conv need every token); parameters are initialised with flax's defaults except the
 patch embeddings (timm's fan-out normal) and the head (truncated normal 0.02, as timm).
 """
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry as attn_registry
-from vitjax.models.stage import Stage, WithoutTokenReduction, drop_path_rates
+from vitjax.models.stage import Stage, WithoutTokenReduction, drop_path_rates, fan_out_normal
 
 # variant: (embed dims, depths); all share heads (1, 2, 5, 8), sr ratios (8, 4, 2, 1) and
 # mlp ratios (8, 8, 4, 4)
@@ -63,13 +61,6 @@ def decode_variant(variant: str) -> dict:
 def conv_out(size: int, kernel: int, stride: int) -> int:
   """Output length of a conv with padding kernel // 2 (PyTorch's floor rule)."""
   return (size + 2 * (kernel // 2) - kernel) // stride + 1
-
-
-def fan_out_normal(key, shape, dtype=jnp.float32):
-  """timm's conv init: normal with std sqrt(2 / (k * k * out)); drawn as a matrix (XLA:CPU
-  compiles a rank-2 draw several times faster than a rank-4 one)."""
-  std = math.sqrt(2.0 / (math.prod(shape[:-2]) * shape[-1]))
-  return std * jax.random.normal(key, (math.prod(shape[:-1]), shape[-1]), dtype).reshape(shape)
 
 
 class OverlapPatchEmbed(nn.Module):

@@ -12,6 +12,7 @@ tokens around attention, applied here; patch merging between stages is a stage b
 backbone chains stages, each with its own grid).
 """
 import dataclasses
+import math
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -21,6 +22,7 @@ import numpy as np
 
 from vitjax import attention as attn_lib
 from vitjax import tokens as tokens_lib
+from vitjax.models.cpe import PEG
 from vitjax.tokens import base as tokens_base
 
 
@@ -60,6 +62,13 @@ def drawn_as_matrix(init):
   def draw(key, shape, dtype=jnp.float32):
     return init(key, (int(np.prod(shape[:-1])), shape[-1]), dtype).reshape(shape)
   return draw
+
+
+def fan_out_normal(key, shape, dtype=jnp.float32):
+  """timm's conv init (PVTv2, Twins): normal with std sqrt(2 / (k * k * out)); drawn as a matrix
+  (XLA:CPU compiles a rank-2 draw several times faster than a rank-4 one)."""
+  std = math.sqrt(2.0 / (math.prod(shape[:-2]) * shape[-1]))
+  return std * jax.random.normal(key, (math.prod(shape[:-1]), shape[-1]), dtype).reshape(shape)
 
 
 def depthwise_conv3x3(x, grid, dtype):
@@ -165,6 +174,9 @@ class Stage(nn.Module):
   track_source: bool = False
   scan: bool = False
   remat: bool = False
+  # a PEG (`models.cpe`, named `pos_block`) encodes positions after this block (CPVT and Twins:
+  # after block 0), from the grid itself
+  pos_conv_after: Optional[int] = None
   dtype: Any = jnp.float32
 
   # ----- static structure (Python values computed from the fields) -----
@@ -242,6 +254,9 @@ class Stage(nn.Module):
                       or any(b != same[0] for b in same[1:])):
       raise ValueError("scan=True needs identical blocks: no token reduction and no per-layer "
                        "attention overrides")
+    if self.scan and self.pos_conv_after is not None:
+      raise ValueError("scan=True cannot place a PEG between blocks (pos_conv_after="
+                       f"{self.pos_conv_after}); valid: scan=False")
     return plans
 
   # ----- forward -----
@@ -296,6 +311,8 @@ class Stage(nn.Module):
       x = feed_forward(blk, x, det)
       if reducer is not None:
         x, state = reducer.after_block(x, state, before, deterministic=det)
+      if i == self.pos_conv_after:
+        x = PEG(dtype=self.dtype, name="pos_block")(x, self.grid, self.num_prefix)
       prev_aux = aux
       out[f"block_{i}"] = x
     return x, state, out

@@ -6,10 +6,11 @@ import optax
 
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "sgd")
-# Parameters that are not decayed: norms, biases, position embeddings, learned tokens and Swin's
-# relative position tables (timm's no_weight_decay).
+# Parameters that are not decayed: norms, biases, position embeddings, learned tokens, Swin's
+# relative position tables and the PEG convs of Twins (timm's no_weight_decay).
 NO_DECAY = re.compile(
-    r"(bias|scale|pos_embedding|cls|dist|registers|probe|gamma|relative_position_bias_table)$")
+    r"(bias|scale|pos_embedding|cls|dist|registers|probe|gamma|relative_position_bias_table"
+    r"|pos_block/proj/kernel)$")
 
 
 def lr_schedule(cfg, total_steps: int, warmup_steps: int):
