@@ -2,10 +2,10 @@
 gradients equal to timm's (with `VITJAX_TORCH_PYTHON`), timm and official files in and out,
 config errors, and a sharded train step on 8 CPU devices.
 
-The parity model (embed dims (16, 32, 64), one dual unit per stage, heads (2, 2, 4), window 4,
-48 px) has grids 12, 6 and 3: windows that divide the grid in stage 0, a 6x6 grid padded to 8x8
-in stage 1 and a 3x3 grid smaller than the window, padded to 4x4 (timm pads; it does not shrink
-the window), in stage 2; the padded tokens are attended, as in timm.
+The parity model (embed dims (16, 32), one dual unit per stage, heads (2, 4), window 4, 48x16
+images) has grids 12x4, where the window divides, and 6x2, padded to 8x4: a grid side smaller
+than the window is padded too (timm does not shrink the window), and the padded tokens are
+attended, as in timm.
 """
 import json
 import os
@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import timm_reference
 
-from vitjax import checkpoints, models
+from vitjax import attention, checkpoints, models
 from vitjax.checkpoints import common, timm_davit
 from vitjax.tokens import macs as macs_lib
 from vitjax.train import optim, recipe
 
-ARCH = dict(embed_dims=(16, 32, 64), depths=(1, 1, 1), num_heads=(2, 2, 4), window_size=4)
+ARCH = dict(embed_dims=(16, 32), depths=(1, 1), num_heads=(2, 4), window_size=4)
 TINY = dict(name="davit", **ARCH)
 TIMM_KWARGS = dict(ARCH, num_classes=10)
-SIZE = 48
+SIZE = (48, 16)
 
 
 def tiny(dtype="float32", **kw):
@@ -43,7 +43,7 @@ def random_params(model, seed=0):
 
 
 def images(n=2, seed=7):
-  return np.random.default_rng(seed).normal(size=(n, SIZE, SIZE, 3)).astype(np.float32)
+  return np.random.default_rng(seed).normal(size=(n, *SIZE, 3)).astype(np.float32)
 
 
 MODEL = tiny()
@@ -75,8 +75,7 @@ def test_tiny_forward_gradient_bf16():
   logits, (grads, dx) = logits_and_grads(params, x, cot)
   assert logits.shape == (2, 10) and np.isfinite(dx).all() and np.abs(dx).max() > 0
   shapes = jax.eval_shape(lambda p, x: MODEL.apply({"params": p}, x)[1], params, x)
-  assert [shapes[f"stage_{s}"].shape for s in range(3)] == [(2, 12, 12, 16), (2, 6, 6, 32),
-                                                            (2, 3, 3, 64)]
+  assert [shapes[f"stage_{s}"].shape for s in range(2)] == [(2, 12, 4, 16), (2, 6, 2, 32)]
   block = params["stage_1"]["block_0"]
   assert set(block) == {"cpe1", "norm1", "attn", "cpe2", "norm2", "mlp"}
   assert block["cpe1"]["proj"]["kernel"].shape == (3, 3, 1, 32)
@@ -84,15 +83,46 @@ def test_tiny_forward_gradient_bf16():
   assert all(np.isfinite(g).all() for g in flat.values())
   assert all(np.abs(g).max() > 0 for g in flat.values()), [k for k, g in flat.items()
                                                           if not np.abs(g).any()]
-  # the masked padding of the zoo is another function where grids are padded
-  masked = tiny(padding="masked")
-  other = jax.jit(lambda p, x: masked.apply({"params": p}, x)[0])(params, x)
-  assert np.abs(np.asarray(other) - np.asarray(logits)).max() > 1e-4
   # bfloat16 compute, float32 parameters and logits
   half = tiny("bfloat16")
   low = jax.jit(lambda p, x: half.apply({"params": p}, x)[0])(params, x)
   assert low.dtype == jnp.float32 and np.isfinite(low).all()
   np.testing.assert_allclose(low, logits, atol=0.05 * float(np.abs(logits).max()))
+
+
+def test_zero_padded_windows_match_their_definition():
+  """davit_window padding="zeros" (timm's SpatialBlock): the input zero-padded to multiples of
+  the window (a 3x5 grid, window 2 -> 4x6, the padded tokens projected and attended), softmax
+  attention in each window, the grid cut back out; written here with numpy."""
+  grid, window, heads, width = (3, 5), 2, 2, 8
+  layer = attention.build({"name": "davit_window", "window_size": window, "padding": "zeros"},
+                          num_heads=heads, dtype=jnp.float32)
+  x = np.random.default_rng(0).normal(size=(1, 15, width)).astype(np.float32)
+  ctx = attention.AttnContext(grid=grid, num_prefix=0)
+  shapes = jax.eval_shape(layer.init, jax.random.PRNGKey(0), x, ctx)
+  rng = np.random.default_rng(1)
+  p = jax.tree_util.tree_map(lambda a: rng.normal(0, 0.3, a.shape).astype(np.float32), shapes)
+  y, _ = jax.jit(layer.apply)(p, x, ctx)
+  w = jax.tree_util.tree_map(np.asarray, p["params"])
+  xp = np.zeros((4, 6, width), np.float32)
+  xp[:3, :5] = x[0].reshape(3, 5, width)
+  q, k, v = np.split(xp @ w["qkv"]["kernel"] + w["qkv"]["bias"], 3, axis=-1)
+  out = np.zeros((4, 6, width), np.float32)
+  d = width // heads
+  for r in range(0, 4, window):
+    for c in range(0, 6, window):
+      cut = lambda t: t[r:r + window, c:c + window].reshape(window * window, heads, d)
+      qw, kw, vw = cut(q), cut(k), cut(v)
+      logits = np.einsum("nhd,mhd->hnm", qw, kw) / np.sqrt(d)
+      probs = np.exp(logits - logits.max(-1, keepdims=True))
+      probs /= probs.sum(-1, keepdims=True)
+      out[r:r + window, c:c + window] = np.einsum("hnm,mhd->nhd", probs, vw).reshape(
+          window, window, width)
+  want = out[:3, :5].reshape(1, 15, width) @ w["proj"]["kernel"] + w["proj"]["bias"]
+  np.testing.assert_allclose(np.asarray(y), want, atol=1e-5, rtol=1e-5)
+  masked = attention.build({"name": "davit_window", "window_size": window}, num_heads=heads,
+                           dtype=jnp.float32)
+  assert np.abs(np.asarray(jax.jit(masked.apply)(p, x, ctx)[0]) - want).max() > 1e-3
 
 
 @pytest.mark.parametrize("override,message", [
@@ -101,8 +131,8 @@ def test_tiny_forward_gradient_bf16():
      "grid; valid: tokens=None or 'none'"),
     (dict(scan=True), "DaViT cannot scan its blocks"),
     (dict(variant="XL"), "unknown DaViT variant 'XL'; valid: T, S, B"),
-    (dict(num_heads=(1, 2)), "must name the same number"),
-    (dict(num_heads=(2, 3, 4)), "stage 1 has width 32, not divisible by its num_heads 3"),
+    (dict(num_heads=(1, 2, 4)), "must name the same number"),
+    (dict(num_heads=(2, 3)), "stage 1 has width 32, not divisible by its num_heads 3"),
     (dict(padding="reflect"), "DaViT padding 'reflect'; valid: zeros, masked"),
     (dict(impl="cudnn"), "supports impl"),
 ])
@@ -112,7 +142,8 @@ def test_config_errors(override, message):
 
 
 def test_layer_ids():
-  model = models.build({**TINY, "depths": (1, 2, 1)}, num_classes=10, image_size=SIZE)
+  model = models.build({**TINY, "embed_dims": (16, 32, 64), "depths": (1, 2, 1),
+                        "num_heads": (2, 2, 4)}, num_classes=10, image_size=SIZE)
   shapes = common.abstract_params(model)
   ids = {k: model.layer_id(k) for k in common.flatten(shapes)}
   assert ids["stem/conv/kernel"] == ids["stem/norm/scale"] == 0
@@ -137,8 +168,8 @@ def test_timm_file_round_trip_and_official_layout(tmp_path):
     np.testing.assert_array_equal(common.flatten(loaded)[k], v, err_msg=k)
   cfg = checkpoints.model_config(path)
   assert (cfg["name"], cfg["embed_dims"], cfg["depths"], cfg["num_heads"], cfg["mlp_ratio"]) == (
-      "davit", (16, 32, 64), (1, 1, 1), (1, 1, 2), 4.0)  # heads: width / 32 unless told
-  rebuilt = checkpoints.build_model(path, image_size=SIZE, num_heads=(2, 2, 4), window_size=4)
+      "davit", (16, 32), (1, 1), (1, 1), 4.0)  # heads: width / 32 unless told
+  rebuilt = checkpoints.build_model(path, image_size=SIZE, num_heads=(2, 4), window_size=4)
   assert isinstance(rebuilt, models.DaViT) and rebuilt.num_heads == model.num_heads
   # the official dingmyu/davit layout, inverting timm's checkpoint_filter_fn renames
   sd = timm_davit.to_timm(params, model)
@@ -151,7 +182,7 @@ def test_timm_file_round_trip_and_official_layout(tmp_path):
     return k.replace("cpe1", "cpe.0").replace("cpe2", "cpe.1")
   raw = {"state_dict": {official(k): v for k, v in sd.items()}}
   assert "patch_embeds.1.proj.weight" in raw["state_dict"]
-  assert "main_blocks.2.0.1.cpe.1.proj.weight" in raw["state_dict"]
+  assert "main_blocks.1.0.1.cpe.1.proj.weight" in raw["state_dict"]
   from_official = timm_davit.from_timm(raw, model)
   for k, v in common.flatten(common.to_numpy(params)).items():
     np.testing.assert_array_equal(common.flatten(from_official)[k], v, err_msg=k)
@@ -164,12 +195,12 @@ def test_timm_file_round_trip_and_official_layout(tmp_path):
 
 # ------------------------------------------------------------------ parity with timm
 TORCH_SCRIPT = """
-    kwargs, size, out = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    kwargs, size, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
     torch.manual_seed(0)
     model = timm.create_model("davit_tiny", pretrained=False, **kwargs).eval()
     perturb(model)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/timm.safetensors")
-    x = torch.randn(2, 3, size, size, requires_grad=True)
+    x = torch.randn(2, 3, *size, requires_grad=True)
     logits = model(x)
     cot = torch.randn_like(logits)
     (logits * cot).sum().backward()
@@ -193,7 +224,7 @@ def reference(tmp_path_factory):
   out = tmp_path_factory.mktemp("timm_davit")
   params = random_params(MODEL, seed=3)
   checkpoints.save(str(out / "ours.safetensors"), params, MODEL)
-  timm_reference.run(TORCH_SCRIPT, json.dumps(TIMM_KWARGS), str(SIZE), str(out))
+  timm_reference.run(TORCH_SCRIPT, json.dumps(TIMM_KWARGS), json.dumps(SIZE), str(out))
   return str(out), params
 
 
