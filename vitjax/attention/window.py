@@ -27,7 +27,8 @@ Design of Spatial Attention in Vision Transformers"; https://github.com/Meituan-
 LocallyGroupedAttn in timm's twins.py), and `davit_window`, DaViT's spatial window attention (Ding
 et al. 2022, "DaViT: Dual Attention Vision Transformers"; https://github.com/dingmyu/davit,
 WindowAttention in timm's davit.py). Both pad the grid with zero tokens that are attended; here
-padding gets no weight, as above (at 224 px every stage of both divides by 7).
+padding gets no weight, as above (at 224 px every stage of both divides by 7), unless
+`davit_window` is given padding="zeros": DaViT's own padding, which the DaViT backbone uses.
 impl "reference" materialises each window's weights; "xla" runs jax.nn.dot_product_attention with
 the windows as the batch and the bias and mask as one [windows, H, T, T] bias.
 """
