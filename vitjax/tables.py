@@ -63,7 +63,8 @@ def swin_table() -> str:
 
 
 def davit_table() -> str:
-  rows = ["| variant | embed dims | depths (dual units) | heads | window |", "|---|---|---|---|---|"]
+  rows = ["| variant | embed dims | depths (dual units) | heads | window |",
+          "|---|---|---|---|---|"]
   for name, (dims, depths, heads) in models.davit.VARIANTS.items():
     rows.append(f"| `{name}` | {', '.join(map(str, dims))} | {', '.join(map(str, depths))} | "
                 f"{', '.join(map(str, heads))} | {models.DaViT.window_size} |")
