@@ -62,6 +62,15 @@ def swin_table() -> str:
   return "\n".join(rows)
 
 
+def davit_table() -> str:
+  rows = ["| variant | embed dims | depths (dual units) | heads | window |",
+          "|---|---|---|---|---|"]
+  for name, (dims, depths, heads) in models.davit.VARIANTS.items():
+    rows.append(f"| `{name}` | {', '.join(map(str, dims))} | {', '.join(map(str, depths))} | "
+                f"{', '.join(map(str, heads))} | {models.DaViT.window_size} |")
+  return "\n".join(rows)
+
+
 def quant_table() -> str:
   """One row per registered quantizer, in registration order, from its registry entry and its
   class's contract (needs_softmax, uniform_dense_inputs, options)."""
@@ -77,7 +86,7 @@ def quant_table() -> str:
 
 
 TABLES = {"attention": attention_table, "tokens": tokens_table, "backbones": backbone_table,
-          "swin": swin_table, "quant": quant_table}
+          "swin": swin_table, "davit": davit_table, "quant": quant_table}
 
 
 def update(path: str):

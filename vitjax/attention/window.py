@@ -27,7 +27,8 @@ Design of Spatial Attention in Vision Transformers"; https://github.com/Meituan-
 LocallyGroupedAttn in timm's twins.py), and `davit_window`, DaViT's spatial window attention (Ding
 et al. 2022, "DaViT: Dual Attention Vision Transformers"; https://github.com/dingmyu/davit,
 WindowAttention in timm's davit.py). Both pad the grid with zero tokens that are attended; here
-padding gets no weight, as above (at 224 px every stage of both divides by 7).
+padding gets no weight, as above (at 224 px every stage of both divides by 7), unless
+`davit_window` is given padding="zeros": DaViT's own padding, which the DaViT backbone uses.
 impl "reference" materialises each window's weights; "xla" runs jax.nn.dot_product_attention with
 the windows as the batch and the bias and mask as one [windows, H, T, T] bias.
 """
@@ -38,18 +39,22 @@ import jax.numpy as jnp
 from vitjax.attention import registry
 from vitjax.attention.base import Attention, projection_macs
 from vitjax.attention.spatial import (PARTITIONED_CAPS, begin, bias_init, finish, fit_window,
-                                      from_windows, padded, partitioned_attention, shift_mask,
-                                      table_size, to_windows, window_bias)
+                                      from_windows, padded, pair, partitioned_attention,
+                                      patch_grid, shift_mask, table_size, to_windows, window_bias)
 
 
-def window_macs(n, width, num_heads, *, window_size, shift_size, num_prefix=1, **_):
-  """Projections of the n tokens, Q K^T and P V of every padded patch over its window's T tokens,
-  and the prefix rows over all n keys (the grid is taken as square)."""
+def window_macs(n, width, num_heads, *, window_size, shift_size, num_prefix=1,
+                padding="masked", **_):
+  """Projections of the n tokens (of all padded ones with padding "zeros"), Q K^T and P V of
+  every padded patch over its window's T tokens, and the prefix rows over all n keys (the grid
+  is taken as square)."""
   del num_heads
   side = math.isqrt(n - num_prefix)
-  window, _ = fit_window((side, side), window_size, shift_size or 0)
+  window = pair(window_size) if padding == "zeros" else \
+      fit_window((side, side), window_size, shift_size or 0)[0]
   hp, wp = padded((side, side), window)
-  return (projection_macs(n, width) + 2 * hp * wp * window[0] * window[1] * width
+  projected = n if padding != "zeros" else num_prefix + hp * wp
+  return (projection_macs(projected, width) + 2 * hp * wp * window[0] * window[1] * width
           + 2 * num_prefix * n * width)
 
 
@@ -111,9 +116,52 @@ class TwinsLSA(WindowAttention):
   rel_pos_bias: bool = False
 
 
+PADDINGS = ("masked", "zeros")
+
+
 @registry.register("davit_window", like="window",
                    paper="DaViT: Dual Attention Vision Transformers (Ding et al. 2022)",
                    official="https://github.com/dingmyu/davit")
 class DaViTWindow(WindowAttention):
-  """DaViT's spatial window attention: windows without position bias or shift."""
+  """DaViT's spatial window attention: windows without position bias or shift.
+
+  padding "masked": the rule above (padded keys get no weight, a window no smaller than the grid
+  becomes the grid). "zeros": DaViT's own (timm's SpatialBlock): the layer input is zero-padded
+  at the bottom and right to multiples of the window, whatever the grid's size, and the padded
+  tokens are projected and attended like any other (their keys and values are the projection
+  biases); their outputs are cut off.
+  """
   rel_pos_bias: bool = False
+  padding: str = "masked"
+
+  def __call__(self, x, ctx=None, *, need=(), deterministic=True):
+    if self.padding not in PADDINGS:
+      raise ValueError(f"error: davit_window padding {self.padding!r}; valid: "
+                       f"{', '.join(PADDINGS)}")
+    if self.padding == "masked":
+      return super().__call__(x, ctx, need=need, deterministic=deterministic)
+    grid, npre = patch_grid(ctx, x.shape[1], type(self).__name__)
+    full = padded(grid, pair(self.window_size))
+    pad = lambda t, fill: None if t is None else pad_grid(t, grid, full, npre, fill)  # noqa: E731
+    ctx = ctx.replace(grid=full, key_bias=pad(ctx.key_bias, 0.0), valid=pad(ctx.valid, True),
+                      size=pad(ctx.size, 1.0), pos=None)
+    y, aux = super().__call__(pad(x, 0.0), ctx, need=need, deterministic=deterministic)
+    cut = lambda t: crop_grid(t, grid, full, npre)  # noqa: E731
+    return cut(y), {k: jnp.moveaxis(cut(jnp.moveaxis(v, -1, 1)), 1, -1) for k, v in aux.items()}
+
+
+def pad_grid(t, grid, full, num_prefix: int, fill):
+  """[B, prefix + h*w, ...] raster tokens -> the same on the (H, W) grid `full`, padded at the
+  bottom and right with `fill`."""
+  b, rest = t.shape[0], t.shape[2:]
+  patches = t[:, num_prefix:].reshape(b, *grid, *rest)
+  pads = [(0, 0), (0, full[0] - grid[0]), (0, full[1] - grid[1])] + [(0, 0)] * len(rest)
+  patches = jnp.pad(patches, pads, constant_values=fill).reshape(b, full[0] * full[1], *rest)
+  return jnp.concatenate([t[:, :num_prefix], patches.astype(t.dtype)], axis=1)
+
+
+def crop_grid(t, grid, full, num_prefix: int):
+  """The inverse of `pad_grid`: the tokens of the (h, w) grid `grid` at the top left of `full`."""
+  b, rest = t.shape[0], t.shape[2:]
+  patches = t[:, num_prefix:].reshape(b, *full, *rest)[:, :grid[0], :grid[1]]
+  return jnp.concatenate([t[:, :num_prefix], patches.reshape(b, -1, *rest)], axis=1)

@@ -98,6 +98,9 @@ class Block(nn.Module):
   mlp_dim: int
   mlp_grid: Optional[tuple] = None  # (h, w): the MLP gets PVTv2's depthwise conv on this grid
   mlp_relu: bool = False  # with mlp_grid: a ReLU before that conv (PVTv2's linear-SRA models)
+  # (h, w): DaViT's ConvPosEnc (`cpe1`, `cpe2`: depthwise 3x3 conv + residual on this grid, no
+  # prefix tokens) on the residual stream before the attention and before the MLP
+  cpe_grid: Optional[tuple] = None
   dropout: float = 0.0
   attn_dropout: float = 0.0
   drop_path_rate: Any = 0.0
@@ -120,14 +123,20 @@ class Block(nn.Module):
                    dwconv_grid=self.mlp_grid, dwconv_relu=self.mlp_relu)
     if self.layerscale is not None:
       self.ls1, self.ls2 = LayerScale(self.layerscale), LayerScale(self.layerscale)
+    if self.cpe_grid is not None:
+      self.cpe1, self.cpe2 = PEG(dtype=self.dtype), PEG(dtype=self.dtype)
 
   def attend(self, x, ctx, need=(), deterministic=True):
+    if self.cpe_grid is not None:
+      x = self.cpe1(x, self.cpe_grid)
     h, aux = self.attn(self.norm1(x), ctx, need=tuple(need), deterministic=deterministic)
     if self.layerscale is not None:
       h = self.ls1(h)
     return x + drop_path(self, h, self.drop_path_rate, deterministic), aux
 
   def feed_forward(self, x, deterministic=True):
+    if self.cpe_grid is not None:
+      x = self.cpe2(x, self.cpe_grid)
     h = self.mlp(self.norm2(x), deterministic=deterministic)
     if self.layerscale is not None:
       h = self.ls2(h)
