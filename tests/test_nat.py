@@ -200,14 +200,14 @@ def test_tiny_forward_gradient_bf16():
 
 
 def test_dinat_with_dilation_one_is_nat():
-  params = random_params(MODEL, seed=2)
-  x = images(1)
-  nat = tiny(name="nat")
-  undilated = tiny(dilations=((1, 1), (1, 1)))
+  one_stage = dict(depths=(2,), num_heads=(1,))  # grid 8: DiNAT dilates block 1 by 2
+  dinat, nat = tiny(**one_stage), tiny(name="nat", **one_stage)
+  undilated = tiny(dilations=((1, 1),), **one_stage)
+  params, x = random_params(dinat, seed=2), images(1)
   forward = lambda m: np.asarray(jax.jit(lambda p: m.apply({"params": p}, x)[0])(params))  # noqa: E731
   ref = forward(nat)
   np.testing.assert_array_equal(forward(undilated), ref)
-  assert np.abs(forward(MODEL) - ref).max() > 1e-4  # the dilated block does change the output
+  assert np.abs(forward(dinat) - ref).max() > 1e-4  # the dilated block does change the output
 
 
 @pytest.mark.parametrize("override,message", [
@@ -349,8 +349,8 @@ def test_logits_and_gradients_match_the_official_code(official):
 
 # ------------------------------------------------------------------ training, sharded
 def test_train_step_on_eight_devices(data_dir):
-  """Two FSDP-sharded steps of a one-stage DiNAT (an NA and a DiNA block, drop path, layer-wise
-  lr decay) on 8 CPU devices: finite, every parameter moves, some are sharded."""
+  """Two FSDP-sharded steps of a one-block DiNAT (dilation 2, drop path, layer-wise lr decay) on
+  8 CPU devices: finite, every parameter moves, some are sharded."""
   from configs import default as default_config  # pylint: disable=import-outside-toplevel
   from vitjax import data  # pylint: disable=import-outside-toplevel
   from vitjax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
@@ -358,17 +358,16 @@ def test_train_step_on_eight_devices(data_dir):
   assert jax.device_count() == 8
   config = default_config.get_config("smoke=True")
   config.data.data_dir = data_dir
-  # 24 px: a 6x6 grid after the tokenizer, so the second block is dilated by 6 // 3 = 2
+  # 24 px: a 6x6 grid after the tokenizer, two dilation groups of 3 per axis
   config.data.pp_train = config.data.pp_eval = "resize(24)|value_range(-1, 1)"
   config.batch_size = 16
-  config.model = dict(name="dinat", embed_dim=16, depths=(2,), num_heads=(1,), kernel_size=3,
-                      mlp_ratio=2.0, drop_path=0.1, tokens=None)
+  config.model = dict(name="dinat", embed_dim=16, depths=(1,), num_heads=(1,), kernel_size=3,
+                      dilations=((2,),), mlp_ratio=2.0, drop_path=0.1, tokens=None)
   config.optimizer.layer_decay = 0.75
   config.sharding, config.fsdp_min_size = "fsdp", 256
   info = data.get_info(config.data)
   batch = next(iter(data.make_train_loader(config.data, global_batch_size=16, seed=0)))
   model = trainer.build_model(config, info)
-  assert model.block_dilations(0) == [1, 2]
   tx, _ = optim.make_optimizer(config.optimizer, 10, 0)
   tx = recipe.wrap_optimizer(tx, config, model)
   mesh = mesh_lib.make_mesh((("data", 2), ("fsdp", 4)), jax.devices())
