@@ -27,7 +27,7 @@ dinat_{mini,tiny,small,base,large}; parameter counts equal the official models' 
 Deviations (own design, also in the README):
 - A stage grid smaller than kernel x dilation is refused when the model is built; natten pads such
   a grid with zero tokens up to kernel x dilation and attends to them. Where every grid is at least
-  kernel x dilation (224 px and up with kernel 7) the two agree.
+  kernel x dilation (193 px and up with kernel 7 and DiNAT's rule) the two agree.
 - Initialisation: flax defaults (LeCun normal kernels, zero biases) and a zero-initialised head,
   as vitjax's ViT and Swin; the official code draws every Linear from a truncated normal (std
   0.02) and keeps PyTorch's convolution init. The `rpb` tables are N(0, 0.02^2) truncated at +-2.
