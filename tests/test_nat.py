@@ -204,7 +204,8 @@ def test_dinat_with_dilation_one_is_nat():
   dinat, nat = tiny(**one_stage), tiny(name="nat", **one_stage)
   undilated = tiny(dilations=((1, 1),), **one_stage)
   params, x = random_params(dinat, seed=2), images(1)
-  forward = lambda m: np.asarray(jax.jit(lambda p: m.apply({"params": p}, x)[0])(params))  # noqa: E731
+  def forward(model):
+    return np.asarray(jax.jit(lambda p: model.apply({"params": p}, x)[0])(params))
   ref = forward(nat)
   np.testing.assert_array_equal(forward(undilated), ref)
   assert np.abs(forward(dinat) - ref).max() > 1e-4  # the dilated block does change the output
@@ -249,7 +250,8 @@ def test_layer_ids_and_no_decay_on_tables():
 # ------------------------------------------------------------------ parity with the official code
 TORCH_SCRIPT = """
     import types
-    kwargs, official_dir, size, out = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    kwargs, official_dir, size, out = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), \
+        sys.argv[4]
 
     def window(length, kernel, dilation):
         # per query: the kernel keys of its dilation group, the window shifted inward at the
@@ -303,7 +305,8 @@ TORCH_SCRIPT = """
         for pname, p in model.named_parameters():
             if pname.endswith(("gamma1", "gamma2")):
                 p.copy_(0.5 + 0.1 * torch.randn_like(p))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}/official.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              f"{out}/official.safetensors")
     x = torch.randn(2, 3, size, size, requires_grad=True)
     logits = model(x)
     cot = torch.randn_like(logits)

@@ -85,7 +85,7 @@ def conv3x3_stride2(features: int, use_bias: bool, dtype, name: str) -> nn.Conv:
 
 
 class ConvDownsampler(nn.Module):
-  """[B, h, w, C] -> [B, ceil(h/2), ceil(w/2), out_dim]: 3x3 stride-2 conv without bias, LayerNorm."""
+  """[B, h, w, C] -> [B, ceil(h/2), ceil(w/2), out_dim]: 3x3 stride-2 conv (no bias), LayerNorm."""
   out_dim: int
   norm_epsilon: float = NORM_EPSILON
   dtype: Any = jnp.float32
