@@ -226,6 +226,7 @@ def test_dinat_with_dilation_one_is_nat():
      "stage 0's grid 8x8 (image (32, 32)) is smaller than kernel x dilation = 9; use a larger "
      "image, a smaller kernel_size or dilation"),
     (dict(kernel_size=5), "stage 1's grid 4x4"),
+    (dict(kernel_size=2), "kernel_size 2; neighbourhood attention needs an odd kernel_size >= 1"),
 ])
 def test_config_errors(override, message):
   with pytest.raises(ValueError, match=re.escape(message)):

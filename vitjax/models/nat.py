@@ -205,6 +205,9 @@ class NAT(nn.Module, WithoutTokenReduction):
     if self.embed_dim % 2:
       raise ValueError(f"embed_dim {self.embed_dim} is odd; the tokenizer's first convolution "
                        "has embed_dim // 2 channels, use an even embed_dim")
+    if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+      raise ValueError(f"kernel_size {self.kernel_size}; neighbourhood attention needs an odd "
+                       "kernel_size >= 1 (the official models use 7)")
     if self.dilations is not None:
       shape = [len(d) for d in self.dilations]
       if shape != [int(d) for d in self.depths]:
