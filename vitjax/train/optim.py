@@ -7,9 +7,10 @@ import optax
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 # Parameters that are not decayed: norms, biases, position embeddings, learned tokens, Swin's
-# relative position tables and the PEG convs of Twins (timm's no_weight_decay).
+# relative position tables and the PEG convs of Twins (timm's no_weight_decay), and natten's `rpb`
+# tables (NAT's).
 NO_DECAY = re.compile(
-    r"(bias|scale|pos_embedding|cls|dist|registers|probe|gamma|relative_position_bias_table"
+    r"(bias|scale|pos_embedding|cls|dist|registers|probe|gamma|relative_position_bias_table|rpb"
     r"|pos_block/proj/kernel)$")
 
 
