@@ -3,15 +3,16 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from vitjax.models import pvt_v2, swin
+from vitjax.models import convit, pvt_v2, swin
+from vitjax.models.convit import ConViT
 from vitjax.models.pvt_v2 import PVTv2
 from vitjax.models.swin import Swin
 from vitjax.models.vit import VARIANTS, ViT, decode_variant, resample_posemb, sincos2d  # noqa: F401
 
-MODELS = {"vit": ViT, "swin": Swin, "pvt_v2": PVTv2}
+MODELS = {"vit": ViT, "swin": Swin, "pvt_v2": PVTv2, "convit": ConViT}
 # How each family reads its variant string ("S/16" for the ViT, "T" for Swin, "b0" for PVTv2).
 VARIANT_DECODERS = {"vit": decode_variant, "swin": swin.decode_variant,
-                    "pvt_v2": pvt_v2.decode_variant}
+                    "pvt_v2": pvt_v2.decode_variant, "convit": convit.decode_variant}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -21,7 +22,8 @@ def build(model_cfg, *, num_classes: int, image_size, dtype: str = "float32"):
   model_cfg fields: name ("vit"), variant ("S/16"), and any ViT field as an override
   (width, depth, mlp_dim, num_heads, patch_size, pool, attention, tokens, ...); name "swin"
   with variant "T" / "S" / "B" / "L" and Swin's fields (embed_dim, depths, num_heads, ...); name
-  "pvt_v2" with variant "b0" / "b1" / "b2" / "b2_li" and PVTv2's fields.
+  "pvt_v2" with variant "b0" / "b1" / "b2" / "b2_li" and PVTv2's fields; name "convit" with
+  variant "Ti" / "S" / "B" and ConViT's fields (local_up_to_layer, locality_strength, ...).
   """
   cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
   name = cfg.pop("name", "vit")
