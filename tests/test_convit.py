@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from vitjax import attention as attn_lib
 from vitjax import checkpoints, models
 from vitjax.checkpoints import common, timm, timm_convit
 from vitjax.train import optim, recipe
@@ -99,9 +100,13 @@ def test_bf16_follows_fp32(tiny_params):
 def test_initialisation_is_the_official_local_one():
   """GPSA's values start as the identity, its gates at 1, the positional kernel of head
   h1 + 2 h2 (2 x 2 heads) at strength * (2 (h2 - 1/2), 2 (h1 - 1/2), -1)."""
-  model = tiny(locality_strength=2.0, depth=2, local_up_to_layer=1)
-  params = model.init(jax.random.key(0), images(1))["params"]
-  attn = params["block_0"]["attn"]
+  model = tiny(locality_strength=2.0)
+  spec = model.attention_spec(0)
+  assert spec == {"name": "gpsa", "locality_strength": 2.0}
+  gpsa = attn_lib.build(spec, num_heads=4, dtype=jnp.float32, qkv_bias=False)
+  ctx = attn_lib.AttnContext(grid=model.grid, num_prefix=0, cls_index=None)
+  tokens = jnp.zeros((1, 36, 32))
+  attn = jax.jit(lambda: gpsa.init(jax.random.key(0), tokens, ctx))()["params"]
   np.testing.assert_array_equal(attn["v"]["kernel"], np.eye(32))
   np.testing.assert_array_equal(attn["gating_param"], np.ones(4))
   want = 2.0 * np.array([[-1, -1, 1, 1], [-1, 1, -1, 1], [-1, -1, -1, -1]], np.float32)
@@ -226,8 +231,7 @@ def test_exported_parameters_load_strictly_into_timm(timm_reference, tiny_params
 # ------------------------------------------------------------------ training
 def test_train_step_on_eight_devices(data_dir):
   """The tiniest ConViT (one GPSA block on the 2x2 grid of the 8x8 digits, one self-attention
-  block) data-parallel over 8 CPU devices with layer-wise lr decay: finite loss and parameters,
-  the model's names."""
+  block) data-parallel over 8 CPU devices: finite loss and parameters, the model's names."""
   from test_train import run_steps, smoke_config  # pylint: disable=import-outside-toplevel
   from vitjax import data  # pylint: disable=import-outside-toplevel
   assert jax.device_count() == 8
@@ -235,7 +239,6 @@ def test_train_step_on_eight_devices(data_dir):
   config.model = ml_collections.ConfigDict(dict(
       name="convit", variant="Ti", width=16, num_heads=4, depth=2, mlp_dim=32,
       local_up_to_layer=1, patch_size=4))
-  config.optimizer.layer_decay = 0.75
   loader = iter(data.make_train_loader(config.data, global_batch_size=16, seed=0))
   params, losses, _ = run_steps(config, jax.devices(), (("data", -1),), "dp", [next(loader)])
   assert np.isfinite(losses).all()
