@@ -169,7 +169,8 @@ class BlockPlan:
 class Stage(nn.Module):
   """Runs `blocks` (Block kwargs each, drop-path rate included) on tokens [B, prefix + grid, D].
 
-  Returns (tokens, token state, out) with out["block_{i}"] the tokens after block i and
+  Returns (tokens, token state, out) with out["block_{i}"] the tokens after block i (numbered
+  from `first_block`, as the blocks' and reducers' names) and
   out["reductions"]["block_{i}"] = {"index", "size", "cls_scores"?} after each reduction: `index`
   [B, N'] is each token's position among the stage's input tokens (-1 for a token made by merging
   or learning), `size` how many patches it stands for, `cls_scores` [B, N] the head-mean [CLS]
@@ -183,9 +184,10 @@ class Stage(nn.Module):
   track_source: bool = False
   scan: bool = False
   remat: bool = False
-  # a PEG (`models.cpe`, named `pos_block`) encodes positions after this block (CPVT and Twins:
+  # a PEG (`models.cpe`, named `pos_block`) encodes positions after this block of the stage (CPVT, Twins:
   # after block 0), from the grid itself
   pos_conv_after: Optional[int] = None
+  first_block: int = 0  # the number of its first block in names (a backbone of several stages)
   dtype: Any = jnp.float32
 
   # ----- static structure (Python values computed from the fields) -----
@@ -294,7 +296,7 @@ class Stage(nn.Module):
       attend = nn.remat(Block.attend, static_argnums=(3, 4))
       feed_forward = nn.remat(Block.feed_forward, static_argnums=(2,))
     reduced, prev_aux, det = False, {}, not train
-    for i, (kwargs, bp) in enumerate(zip(self.blocks, plans)):
+    for i, (kwargs, bp) in enumerate(zip(self.blocks, plans), start=self.first_block):
       blk = Block(name=f"block_{i}", **kwargs)
       need, before = bp.need, (x, state)
       reducer = None
@@ -320,7 +322,7 @@ class Stage(nn.Module):
       x = feed_forward(blk, x, det)
       if reducer is not None:
         x, state = reducer.after_block(x, state, before, deterministic=det)
-      if i == self.pos_conv_after:
+      if i - self.first_block == self.pos_conv_after:
         x = PEG(dtype=self.dtype, name="pos_block")(x, self.grid, self.num_prefix)
       prev_aux = aux
       out[f"block_{i}"] = x
