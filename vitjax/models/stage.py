@@ -184,8 +184,8 @@ class Stage(nn.Module):
   track_source: bool = False
   scan: bool = False
   remat: bool = False
-  # a PEG (`models.cpe`, named `pos_block`) encodes positions after this block of the stage (CPVT, Twins:
-  # after block 0), from the grid itself
+  # a PEG (`models.cpe`, named `pos_block`) encodes positions after this block of the stage
+  # (CPVT and Twins: after block 0), from the grid itself
   pos_conv_after: Optional[int] = None
   first_block: int = 0  # the number of its first block in names (a backbone of several stages)
   dtype: Any = jnp.float32
