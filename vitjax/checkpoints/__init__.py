@@ -20,8 +20,8 @@ from vitjax.checkpoints.common import CheckpointMismatch, merge  # noqa: F401
 
 FORMATS = {"timm": timm, "big_vision": big_vision}
 # timm model families besides the ViT: modules with MODEL (our class) and matches(state dict);
-# the first that matches wins (DaViT before PVTv2: both have stages.0.blocks.*)
-TIMM_FAMILIES = (timm_swin, timm_davit, timm_pvt_v2, timm_twins, timm_convit)
+# the first that matches wins (Twins before DaViT, DaViT before PVTv2: their files share names)
+TIMM_FAMILIES = (timm_swin, timm_twins, timm_davit, timm_pvt_v2, timm_convit)
 
 
 def detect_format(path: str) -> str:
