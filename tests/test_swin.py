@@ -216,37 +216,13 @@ def test_export_loads_strictly_into_timm_with_the_same_logits(reference):
 def test_train_step_on_eight_devices(data_dir):
   """Two FSDP-sharded steps of a tiny Swin (drop path, layer-wise lr decay) on 8 CPU
   devices: finite, every parameter moves, some are sharded."""
-  from configs import default as default_config  # pylint: disable=import-outside-toplevel
-  from vitjax import data  # pylint: disable=import-outside-toplevel
-  from vitjax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
-  from vitjax.train import trainer  # pylint: disable=import-outside-toplevel
+  from sharded_steps import fsdp_steps  # pylint: disable=import-outside-toplevel
   assert jax.device_count() == 8
-  config = default_config.get_config("smoke=True")
-  config.data.data_dir = data_dir
-  config.batch_size = 16
   # one stage (each stage's shapes compile anew): a window and a shifted-window block
-  config.model = dict(name="swin", patch_size=2, embed_dim=16, depths=(2,), num_heads=(1,),
-                      window_size=2, drop_path=0.1, tokens=None)
-  config.optimizer.layer_decay = 0.75
-  config.sharding, config.fsdp_min_size = "fsdp", 256
-  info = data.get_info(config.data)
-  batch = next(iter(data.make_train_loader(config.data, global_batch_size=16, seed=0)))
-  model = trainer.build_model(config, info)
-  # no warm-up: the zero-initialised head moves in step 1, so step 2 reaches every parameter
-  tx, _ = optim.make_optimizer(config.optimizer, 10, 0)
-  tx = recipe.wrap_optimizer(tx, config, model)
-  mesh = mesh_lib.make_mesh((("data", 2), ("fsdp", 4)), jax.devices())
-  state, shardings = trainer.create_state(model, tx, config, mesh, info.image_shape)
-  before = jax.device_get(state.params)
-  step = jax.jit(trainer.make_train_step(model, tx, config),
-                 in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                 out_shardings=(shardings, None))
-  losses = []
-  for _ in range(2):
-    state, metrics = step(state, trainer.global_batch(batch, mesh_lib.batch_sharding(mesh)))
-    losses.append(float(metrics["train/loss"]))
+  losses, metrics, before, after, shardings = fsdp_steps(
+      data_dir, dict(name="swin", patch_size=2, embed_dim=16, depths=(2,), num_heads=(1,),
+                     window_size=2, drop_path=0.1))
   assert np.isfinite(losses).all() and float(metrics["train/nonfinite"]) == 0.0
-  after = common.flatten(jax.device_get(state.params))
-  still = [k for k, v in common.flatten(before).items() if np.array_equal(after[k], v)]
+  still = [k for k, v in before.items() if np.array_equal(after[k], v)]
   assert not still, still
   assert any("fsdp" in tuple(s.spec) for s in jax.tree_util.tree_leaves(shardings.params))

@@ -372,6 +372,36 @@ class WithoutTokenReduction:
                        "scan=False")
 
 
+def pyramid(model, x, merge, *, train: bool, step=None, progress=None):
+  """The stages of a Swin-like pyramid on the stem's map x [B, h, w, C], then LayerNorm, average
+  pooling and a zero-initialised head -> (logits [B, classes], out: named intermediates).
+
+  Called from `model`'s compact `__call__` (the modules it makes are the model's): `model` has
+  widths(), stage(s, parent, name), dropout, norm_epsilon, num_classes and dtype; `merge(width,
+  norm_epsilon, dtype, name=...)` downsamples between stages (`merge_{s}`)."""
+  x = nn.Dropout(model.dropout)(x, deterministic=not train)
+  out = {"stem": x}
+  for s, width in enumerate(model.widths()):
+    if s:
+      x = merge(width, model.norm_epsilon, model.dtype, name=f"merge_{s}")(x)
+    b, h, w, _ = x.shape
+    tokens, _, _ = model.stage(s, model, f"stage_{s}")(x.reshape(b, h * w, width), train=train,
+                                                        step=step, progress=progress)
+    x = tokens.reshape(b, h, w, width)
+    out[f"stage_{s}"] = x
+  x = nn.LayerNorm(epsilon=model.norm_epsilon, dtype=model.dtype, name="norm")(x)
+  out["encoded"] = x
+  x = x.mean(axis=(1, 2))
+  out["pre_logits"] = x
+  if not model.num_classes:
+    return x, out
+  head = nn.Dense(model.num_classes, dtype=model.dtype, kernel_init=nn.initializers.zeros,
+                  name="head")
+  logits = head(x).astype(jnp.float32)
+  out["logits"] = logits
+  return logits, out
+
+
 def drop_path_rates(rate: float, depth: int) -> list:
   """Stochastic depth rising linearly from 0 to `rate` over the blocks (DeiT, timm)."""
   return np.linspace(0.0, rate, depth).tolist()

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitjax import attention as attn_lib
-from vitjax.models.stage import Stage, WithoutTokenReduction, drop_path_rates
+from vitjax.models.stage import Stage, WithoutTokenReduction, drop_path_rates, pyramid
 
 # name: (embed_dim, depths, num_heads)
 VARIANTS = {
@@ -195,27 +195,7 @@ class Swin(nn.Module, WithoutTokenReduction):
   def __call__(self, images, *, train: bool = False, step=None, progress=None):
     """images [B, H, W, C] -> (logits [B, classes], out: named intermediates)."""
     x = self.embed(images)
-    x = nn.Dropout(self.dropout)(x, deterministic=not train)
-    out = {"stem": x}
-    for s, width in enumerate(self.widths()):
-      if s:
-        x = PatchMerging(width, self.norm_epsilon, self.dtype, name=f"merge_{s}")(x)
-      b, h, w, _ = x.shape
-      tokens, _, _ = self.stage(s, self, f"stage_{s}")(x.reshape(b, h * w, width), train=train,
-                                                      step=step, progress=progress)
-      x = tokens.reshape(b, h, w, width)
-      out[f"stage_{s}"] = x
-    x = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype, name="norm")(x)
-    out["encoded"] = x
-    x = x.mean(axis=(1, 2))
-    out["pre_logits"] = x
-    if not self.num_classes:
-      return x, out
-    head = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                    name="head")
-    logits = head(x).astype(jnp.float32)
-    out["logits"] = logits
-    return logits, out
+    return pyramid(self, x, PatchMerging, train=train, step=step, progress=progress)
 
   # ----- cost -----
   def macs(self, channels: int = 3) -> int:
