@@ -307,12 +307,14 @@ def naive_exp_shift(v, s, n):
 
 def test_i_vit_shiftmax_by_hand_and_against_softmax():
   s = 0.05
-  x = np.round(RNG.normal(scale=40, size=(3, 7)))
+  x = np.round(np.random.default_rng(5).normal(scale=40, size=(3, 7)))
   got = np.asarray(i_vit.shiftmax(jnp.asarray(x, jnp.float32), s))
   for row, out in zip(x, got):
     e = [naive_exp_shift(v - row.max(), s, 15) for v in row]
     factor = (2 ** 31 - 1) // min(sum(e), 2 ** 31 - 1)
-    np.testing.assert_array_equal(out, [math.floor(v * factor / 2 ** 16) for v in e])
+    # exp x factor reaches 2^31 and is rounded to float32 (24 bits) as in the official code:
+    # the floor may land one code lower or higher than in exact arithmetic
+    np.testing.assert_allclose(out, [math.floor(v * factor / 2 ** 16) for v in e], atol=1)
   # against the float softmax: the shift exponent is within a few percent of e^x
   ref = np.asarray(jax.nn.softmax(jnp.asarray(x * s), -1))
   np.testing.assert_allclose(got / 2 ** 15, ref, atol=0.03)
@@ -320,17 +322,16 @@ def test_i_vit_shiftmax_by_hand_and_against_softmax():
 
 def test_i_vit_shift_gelu_by_hand_and_against_gelu():
   s = 0.02
-  x = np.round(RNG.normal(scale=60, size=(2, 9)))
+  x = np.round(np.random.default_rng(6).normal(scale=60, size=(2, 9)))
   got, out_scale = i_vit.shift_gelu(jnp.asarray(x, jnp.float32), s)
   assert float(out_scale) == pytest.approx(s / 2 ** 7)
   for row, out in zip(x, np.asarray(got)):
     m = row.max()
-    want = []
-    for v in row:
+    for v, o in zip(row, out):
       e, e_max = naive_exp_shift(v - m, s * 1.702, 23), naive_exp_shift(-m, s * 1.702, 23)
       factor = (2 ** 31 - 1) // min(e + e_max, 2 ** 31 - 1)
-      want.append(v * math.floor(e * factor / 2 ** 24))
-    np.testing.assert_allclose(out, want, rtol=1e-6)
+      # the sigmoid code within one of exact arithmetic (float32 rounds exp x factor ~ 2^31)
+      assert abs(o - v * math.floor(e * factor / 2 ** 24)) <= abs(v), (v, o)
   # against the float x sigmoid(1.702 x) it approximates: the shift exponent's linear 2^r is off
   # by up to ~6%, the 8-bit sigmoid by 1/128
   ref = x * s / (1 + np.exp(-1.702 * x * s))
