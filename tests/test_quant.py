@@ -305,15 +305,20 @@ def naive_exp_shift(v, s, n):
   return max(math.floor((r / 2 - x0) * 2 ** (n - q)), 0)
 
 
+def float32_factor(total):
+  """floor((2^31 - 1) / total) as the official code computes it, in float32 (2^31 - 1 rounds
+  to 2^31 there). The product exp x factor, near 2^31, is rounded to float32 too, so the codes
+  below are compared within one code of exact arithmetic after that division."""
+  return math.floor(np.float32(2 ** 31 - 1) / np.float32(min(total, 2 ** 31 - 1)))
+
+
 def test_i_vit_shiftmax_by_hand_and_against_softmax():
   s = 0.05
   x = np.round(np.random.default_rng(5).normal(scale=40, size=(3, 7)))
   got = np.asarray(i_vit.shiftmax(jnp.asarray(x, jnp.float32), s))
   for row, out in zip(x, got):
     e = [naive_exp_shift(v - row.max(), s, 15) for v in row]
-    factor = (2 ** 31 - 1) // min(sum(e), 2 ** 31 - 1)
-    # exp x factor reaches 2^31 and is rounded to float32 (24 bits) as in the official code:
-    # the floor may land one code lower or higher than in exact arithmetic
+    factor = float32_factor(sum(e))
     np.testing.assert_allclose(out, [math.floor(v * factor / 2 ** 16) for v in e], atol=1)
   # against the float softmax: the shift exponent is within a few percent of e^x
   ref = np.asarray(jax.nn.softmax(jnp.asarray(x * s), -1))
@@ -329,8 +334,7 @@ def test_i_vit_shift_gelu_by_hand_and_against_gelu():
     m = row.max()
     for v, o in zip(row, out):
       e, e_max = naive_exp_shift(v - m, s * 1.702, 23), naive_exp_shift(-m, s * 1.702, 23)
-      factor = (2 ** 31 - 1) // min(e + e_max, 2 ** 31 - 1)
-      # the sigmoid code within one of exact arithmetic (float32 rounds exp x factor ~ 2^31)
+      factor = float32_factor(e + e_max)
       assert abs(o - v * math.floor(e * factor / 2 ** 24)) <= abs(v), (v, o)
   # against the float x sigmoid(1.702 x) it approximates: the shift exponent's linear 2^r is off
   # by up to ~6%, the 8-bit sigmoid by 1/128
