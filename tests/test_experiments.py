@@ -92,3 +92,15 @@ def test_kernel_benchmark_outputs(tmp_path):
     assert r["train_img_s"] > 0 and r["train_tflops"] > 0 and r["mfu"] is None  # no CPU peak
   assert [r["tokens"]["name"] for r in res["reduction_share"]] == ["evit", "tome"]
   assert all(r["share"] > 0 for r in res["reduction_share"])
+
+
+def test_backbone_benchmark_outputs(tmp_path):
+  assert load("backbones").main(["--smoke", "--train", f"--out_dir={tmp_path}"]) == 0
+  with open(tmp_path / "backbones.json") as f:
+    rows = json.load(f)["rows"]
+  assert [r["label"] for r in rows] == ["swin_tiny"]
+  assert rows[0]["params"] > 0 and rows[0]["infer_img_s"] > 0 and rows[0]["train_img_s"] > 0
+  # XLA's count of the compiled forward is close to the analytic one (padding-free tiny Swin)
+  assert 0.8 < rows[0]["xla_gmacs"] / rows[0]["analytic_gmacs"] < 1.5
+  assert table_header((tmp_path / "backbones.md").read_text(), "backbone")[-1] == "train ratio"
+  assert (tmp_path / "backbones.png").stat().st_size > 0
