@@ -71,6 +71,35 @@ def davit_table() -> str:
   return "\n".join(rows)
 
 
+def reducer_spec(name: str) -> dict:
+  """The reducer at a typical setting: keep rate 0.7, or 8 tokens merged per block."""
+  options = tokens.get(name).options
+  return {"name": name, **({"keep_rate": 0.7} if "keep_rate" in options else {}),
+          **({"r": 8} if "r" in options and "keep_rate" not in options else {})}
+
+
+def compatibility_table() -> str:
+  """Backbone x reducer: each family's default model built with each registered reducer at a
+  typical setting; a cell is what `models.build` says, so the table cannot drift from the
+  config-time checks. The last column is the family's one-line refusal."""
+  names = [n for n in tokens.names() if n != "none"]
+  rows = ["| backbone | " + " | ".join(f"`{n}`" for n in names) + " | why not |",
+          "|---|" + "---|" * (len(names) + 1)]
+  for family in models.MODELS:
+    cells, why = [], set()
+    for name in names:
+      try:
+        models.build({"name": family, "tokens": reducer_spec(name)}, num_classes=10,
+                     image_size=224)
+        cells.append("yes")
+      except ValueError as e:
+        cells.append("-")
+        why.add(str(e).split(": ", 1)[-1].split("; valid")[0])
+    reason = "; ".join(sorted(why)) if why else ""
+    rows.append(f"| `{family}` | " + " | ".join(cells) + f" | {reason} |")
+  return "\n".join(rows)
+
+
 def quant_table() -> str:
   """One row per registered quantizer, in registration order, from its registry entry and its
   class's contract (needs_softmax, uniform_dense_inputs, options)."""
@@ -86,7 +115,8 @@ def quant_table() -> str:
 
 
 TABLES = {"attention": attention_table, "tokens": tokens_table, "backbones": backbone_table,
-          "swin": swin_table, "davit": davit_table, "quant": quant_table}
+          "swin": swin_table, "davit": davit_table, "quant": quant_table,
+          "compatibility": compatibility_table}
 
 
 def update(path: str):
