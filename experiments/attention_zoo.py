@@ -4,6 +4,7 @@ r"""The attention zoo on the embedded digits: every registered mechanism in the 
   python experiments/attention_zoo.py --mechanisms=mhsa,sigmoid,performer --steps=200
   python experiments/attention_zoo.py --mechanisms=normalized --merge   # add to the last table
   python experiments/attention_zoo.py --smoke --out_dir=/tmp/zoo   # tiny, for the tests
+  python experiments/attention_zoo.py --task=digits16 --mechanisms=spatial   # the Tier S study
 
 Model: the default digits ViT (configs/default.py: 8x8 images, 2x2 patches, 4 blocks of width 96,
 3 heads; with a [CLS] token, as the recorded results), no token reduction, so grid (Tier S)
@@ -12,6 +13,14 @@ cosine, label smoothing, drop-path), `--seeds` seeds trained at once under `jax.
 per mechanism); each seed has its own initialisation, dropout and data order. Data: the digits
 train split in memory, augmented in numpy per batch as the recorded results were (zero-pad 1,
 random 8x8 crop, values in [-1, 1]; the default config now pads 2).
+
+Tier S (`--task=digits16`): on the 8x8 digits with 2x2 patches the grid is 4x4, where a 7x7
+window, neighbourhood or partition covers the whole grid and every spatial mechanism is global
+attention with extra tables. That task upsamples each digit to 16x16 (pixel repetition, so no
+new information) for an 8x8 grid of 2x2 patches, and sets each spatial mechanism to a size that
+is local on that grid (`SPATIAL_OPTIONS`: windows and partitions of 4, neighbourhoods of 3);
+`--mechanisms=spatial` runs `mhsa` and every Tier S mechanism. Its outputs are
+attention_zoo_digits16.{json,md,png}, apart from the 8x8 table.
 
 Per mechanism: parameters; FLOPs per image, analytic from the registry (each entry's `macs`) and
 XLA's cost analysis of the compiled forward where an entry has none (the table says which; where
@@ -65,6 +74,18 @@ def xla_flops(compiled) -> float:
 
 
 # ---------------------------------------------------------------------------- data
+TASKS = {"digits": 1, "digits16": 2}  # task: upsampling factor of the 8x8 digits
+# Tier S settings that are local on the 8x8 grid of digits16 (the registry defaults are sized
+# for a 56x56 or 14x14 grid)
+SPATIAL_OPTIONS = {
+    "window": dict(window_size=4), "shifted_window": dict(window_size=4, shift_size=2),
+    "twins_lsa": dict(window_size=4), "davit_window": dict(window_size=4),
+    "neighborhood": dict(kernel_size=3), "dilated_neighborhood": dict(kernel_size=3, dilation=2),
+    "maxvit_block": dict(partition_size=4), "maxvit_grid": dict(partition_size=4),
+    "agent_grid": dict(num_agents=16),
+}
+
+
 def digits_config(args):
   path = os.path.join(ROOT, "configs", "default.py")
   spec = importlib.util.spec_from_file_location("vitjax_default_config", path)
@@ -79,20 +100,23 @@ def digits_config(args):
   return config
 
 
-def load_split(config, split: str):
-  """All images of a split as float32 in [-1, 1] (the config's value_range) and int32 labels."""
+def load_split(config, split: str, factor: int = 1):
+  """All images of a split as float32 in [-1, 1] (the config's value_range) and int32 labels;
+  `factor` > 1 repeats each pixel factor x factor times."""
   from vitjax import data  # pylint: disable=import-outside-toplevel
   src = data.data_source(config.data, split)
   rows = [src[i] for i in range(len(src))]
   images = np.stack([np.asarray(r["image"]) for r in rows]).astype(np.float32) / 127.5 - 1.0
+  images = images.repeat(factor, axis=1).repeat(factor, axis=2)
   return images, np.asarray([int(r["label"]) for r in rows], np.int32)
 
 
 class Batches:
-  """Per-seed shuffled epochs; zero-pad 1 + random crop (pp `random_crop(8, pad=1)`) in numpy."""
+  """Per-seed shuffled epochs; zero-pad + random crop (pp `random_crop(8, pad=1)` at 8x8, the pad
+  scaled with the upsampling) in numpy."""
 
-  def __init__(self, images, labels, batch: int, seeds: int):
-    self.images, self.labels, self.batch = images, labels, batch
+  def __init__(self, images, labels, batch: int, seeds: int, pad: int = 1):
+    self.images, self.labels, self.batch, self.pad = images, labels, batch, pad
     self.rngs = [np.random.default_rng(1000 + s) for s in range(seeds)]
     self.queues = [np.zeros((0,), np.int64) for _ in range(seeds)]
 
@@ -115,7 +139,7 @@ class Batches:
     imgs, labels = [], []
     for s, rng in enumerate(self.rngs):
       idx = self.indices(s)
-      imgs.append(self.crop(rng, self.images[idx]))
+      imgs.append(self.crop(rng, self.images[idx], self.pad))
       labels.append(self.labels[idx])
     return {"image": np.stack(imgs), "label": np.stack(labels)}
 
@@ -133,7 +157,8 @@ def run_mechanism(name: str, args, config, train, test) -> dict:
   from vitjax.train import optim, trainer  # pylint: disable=import-outside-toplevel
   entry = attention.get(name)
   cfg = config.copy_and_resolve_references()
-  cfg.model.attention = dict(name=name)
+  cfg.model.attention = dict(name=name, **(SPATIAL_OPTIONS.get(name, {})
+                                            if args.task != "digits" else {}))
   model = models.build(cfg.model, num_classes=10, image_size=test[0].shape[1:3])
   tx, _ = optim.make_optimizer(cfg.optimizer, args.steps, args.warmup)
 
@@ -147,7 +172,7 @@ def run_mechanism(name: str, args, config, train, test) -> dict:
 
   keys = jax.random.split(jax.random.PRNGKey(args.seed), args.seeds)
   state = jax.jit(jax.vmap(init))(keys)
-  batches = Batches(*train, args.batch, args.seeds)
+  batches = Batches(*train, args.batch, args.seeds, pad=TASKS[args.task])
   first = next(batches)
   t = time.perf_counter()
   step = jax.jit(jax.vmap(trainer.make_train_step(model, tx, cfg)),
@@ -243,7 +268,8 @@ def fmt(v, spec=".2f"):
 
 def markdown(res: dict) -> str:
   c, m = res["config"], res["meta"]
-  lines = ["# Attention zoo on the digits", "",
+  task = c.get("task", "digits")
+  lines = [f"# Attention zoo on the {task}", "",
            f"Model: digits ViT ({c['model']}), {c['steps']} steps at batch {c['batch']}, "
            f"{c['seeds']} seeds (mean +- std), lr {c['lr']}. jax {m['jax']} on {m['backend']}, "
            f"{m['cpus']} CPUs; load average {m['loadavg_start'][0]:.1f} at the start, "
@@ -252,6 +278,10 @@ def markdown(res: dict) -> str:
            f"{c['seeds']} vmapped models; train: one vmapped step of {c['seeds']} models). FLOPs per "
            "image: analytic (2 x MACs) where a formula exists, else XLA cost analysis; "
            "`XLA/analytic` is the cross-check.", ""]
+  if task != "digits":
+    lines += [f"Task {task}: each 8x8 digit upsampled x{TASKS[task]} by pixel repetition; Tier S "
+              "settings: " + ", ".join(f"`{k}` {v}" for k, v in c["options"].items()
+                                        if k in c["mechanisms"]) + ".", ""]
   if "merged" in res:
     mm = res["merged"]["meta"]
     lines += [f"This run trained {', '.join(c['mechanisms'])}; the other rows come from an earlier "
@@ -299,19 +329,24 @@ def plot(res: dict, path: str):
   return os.path.basename(path)
 
 
+def stem(args) -> str:
+  """Output file stem: the 8x8 task keeps the recorded names."""
+  return "attention_zoo" if args.task == "digits" else f"attention_zoo_{args.task}"
+
+
 def save(args, res: dict):
-  res["plot"] = plot(res, os.path.join(args.out_dir, "attention_zoo.png"))
-  with open(os.path.join(args.out_dir, "attention_zoo.json"), "w") as f:
+  res["plot"] = plot(res, os.path.join(args.out_dir, f"{stem(args)}.png"))
+  with open(os.path.join(args.out_dir, f"{stem(args)}.json"), "w") as f:
     json.dump(res, f, indent=1, default=float)
   text = markdown(res)
-  with open(os.path.join(args.out_dir, "attention_zoo.md"), "w") as f:
+  with open(os.path.join(args.out_dir, f"{stem(args)}.md"), "w") as f:
     f.write(text + "\n")
   return text
 
 
 def load_earlier(args, res: dict) -> dict:
   """The attention_zoo.json of an earlier run in --out_dir; its budget must be this run's."""
-  path = os.path.join(args.out_dir, "attention_zoo.json")
+  path = os.path.join(args.out_dir, f"{stem(args)}.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"--merge: no earlier {path} to add this run to")
   with open(path) as f:
@@ -339,7 +374,10 @@ def merged(res: dict, earlier) -> dict:
 # ---------------------------------------------------------------------------- main
 def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  p.add_argument("--mechanisms", default="all", help="comma-separated names, or 'all'")
+  p.add_argument("--mechanisms", default="all",
+                 help="comma-separated names, 'all', or 'spatial' (mhsa and every Tier S one)")
+  p.add_argument("--task", default="digits", choices=sorted(TASKS),
+                 help="digits: 8x8; digits16: upsampled to 16x16 for the Tier S study")
   p.add_argument("--steps", type=int, default=200)
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--seeds", type=int, default=3)
@@ -370,16 +408,22 @@ def main(argv=None) -> dict:
   if args.cache_dir:
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)
   os.makedirs(args.out_dir, exist_ok=True)
-  names = attention.names() if args.mechanisms == "all" else args.mechanisms.split(",")
+  if args.mechanisms in ("all", "spatial"):
+    names = [n for n in attention.names()
+             if args.mechanisms == "all" or attention.get(n).tier == "S"]
+  else:
+    names = args.mechanisms.split(",")
   unknown = sorted(set(names) - set(attention.names()))
   if unknown:
     raise ValueError(f"unknown attention(s) {unknown}; registered: {attention.names()}")
   names = ["mhsa"] + [n for n in names if n != "mhsa"]  # the reference first
   t0 = time.time()
   config = digits_config(args)
-  train, test = load_split(config, "train"), load_split(config, "test")
+  factor = TASKS[args.task]
+  train, test = load_split(config, "train", factor), load_split(config, "test", factor)
   res = dict(config=dict(model=f"depth {config.model.depth}, width {config.model.width}, "
                                f"{config.model.num_heads} heads, {config.model.variant}",
+                         task=args.task, options=SPATIAL_OPTIONS if factor > 1 else {},
                          steps=args.steps, batch=args.batch, seeds=args.seeds,
                          lr=config.optimizer.lr, warmup=args.warmup, mechanisms=names),
              meta=dict(jax=jax.__version__, backend=jax.default_backend(), cpus=os.cpu_count(),

@@ -80,6 +80,20 @@ def test_attention_zoo_outputs(tmp_path, data_dir):
   assert {r["mechanism"]: r for r in merged["rows"]}["sigmoid"] == rows["sigmoid"]
 
 
+def test_attention_zoo_spatial_task(tmp_path, data_dir):
+  """digits16: 16x16 digits (an 8x8 grid), Tier S mechanisms at local sizes, own output files."""
+  load("attention_zoo").main(["--smoke", "--task=digits16", "--mechanisms=window",
+                              f"--out_dir={tmp_path}", f"--data_dir={data_dir}"])
+  with open(tmp_path / "attention_zoo_digits16.json") as f:
+    res = json.load(f)
+  assert [r["mechanism"] for r in res["rows"]] == ["mhsa", "window"]
+  assert res["config"]["options"]["window"] == {"window_size": 4}
+  assert all("error" not in r for r in res["rows"])
+  # 4x4 windows on an 8x8 grid (plus the [CLS] row): fewer attention FLOPs than mhsa's
+  assert res["rows"][1]["mflops_xla"] < res["rows"][0]["mflops_xla"]
+  assert not (tmp_path / "attention_zoo.json").exists()
+
+
 def test_kernel_benchmark_outputs(tmp_path):
   out = tmp_path / "kernels.json"
   assert load("kernels").main(["--smoke", "--runs=1", "--warmup=0", f"--out={out}"]) == 0
