@@ -191,7 +191,10 @@ class MViTv2(nn.Module, WithoutTokenReduction):
 
   def pooling_block(self, s: int, parent=None) -> PoolingBlock:
     grid_in = self.stage_grids()[s - 1] if s else self.grid
-    return PoolingBlock(self.embed_dims[s], self.num_heads[s], tuple(grid_in), self.q_strides[s],
+    # remat: recompute its activations in the backward pass (`deterministic`, argument 2 after
+    # the module and x, is static)
+    cls = nn.remat(PoolingBlock, static_argnums=(2,)) if self.remat else PoolingBlock
+    return cls(self.embed_dims[s], self.num_heads[s], tuple(grid_in), self.q_strides[s],
                         self.stage_kv_strides()[s], self.mlp_ratio, self.rates(s)[0],
                         self.qkv_bias, self.gelu_approximate, self.norm_epsilon, self.dtype,
                         parent=parent, name=None if parent is None else f"pool_block_{s}")
@@ -269,7 +272,7 @@ class MViTv2(nn.Module, WithoutTokenReduction):
     x = x.reshape(b, -1, self.embed_dims[0])
     for s, width in enumerate(self.embed_dims):
       if self.pools(s):
-        x = self.pooling_block(s, self)(x, deterministic=not train)
+        x = self.pooling_block(s, self)(x, not train)
       if len(self.stage(s).blocks):
         x, _, _ = self.stage(s, self, f"stage_{s}")(x, train=train, step=step, progress=progress)
       out[f"stage_{s}"] = x.reshape(b, *self.stage_grids()[s], width)
