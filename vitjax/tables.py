@@ -100,6 +100,18 @@ def compatibility_table() -> str:
   return "\n".join(rows)
 
 
+def mvitv2_table() -> str:
+  m = models.MViTv2
+  rows = ["| variant | embed dims | depths | heads | query strides | key/value strides |",
+          "|---|---|---|---|---|---|"]
+  for name, (dims, depths, heads) in models.mvitv2.VARIANTS.items():
+    kv = models.mvitv2.kv_strides(m.q_strides, m.kv_stride)
+    rows.append(f"| `{name}` | {', '.join(map(str, dims))} | {', '.join(map(str, depths))} | "
+                f"{', '.join(map(str, heads))} | {', '.join(map(str, m.q_strides))} | "
+                f"{', '.join(map(str, kv))} |")
+  return "\n".join(rows)
+
+
 def quant_table() -> str:
   """One row per registered quantizer, in registration order, from its registry entry and its
   class's contract (needs_softmax, uniform_dense_inputs, options)."""
@@ -115,7 +127,7 @@ def quant_table() -> str:
 
 
 TABLES = {"attention": attention_table, "tokens": tokens_table, "backbones": backbone_table,
-          "swin": swin_table, "davit": davit_table, "quant": quant_table,
+          "swin": swin_table, "davit": davit_table, "mvitv2": mvitv2_table, "quant": quant_table,
           "compatibility": compatibility_table}
 
 

@@ -7,11 +7,11 @@ import optax
 SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 # Parameters that are not decayed: norms, biases, position embeddings, learned tokens, Swin's
-# relative position tables and the PEG convs of Twins (timm's no_weight_decay), and natten's `rpb`
-# tables (NAT's).
+# relative position tables and the PEG convs of Twins (timm's no_weight_decay), natten's `rpb`
+# tables (NAT's) and MViTv2's decomposed tables `rel_pos_h`, `rel_pos_w`.
 NO_DECAY = re.compile(
     r"(bias|scale|pos_embedding|cls|dist|registers|probe|gamma|relative_position_bias_table|rpb"
-    r"|pos_block/proj/kernel)$")
+    r"|pos_block/proj/kernel|rel_pos_h|rel_pos_w)$")
 
 
 def lr_schedule(cfg, total_steps: int, warmup_steps: int):
