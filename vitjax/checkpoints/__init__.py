@@ -1,5 +1,5 @@
 """Pretrained checkpoints in and out: timm (`.safetensors`, `.pth`; ViT, Swin, PVTv2, Twins,
-DaViT, ConViT) and big_vision (`.npz`; ViT).
+DaViT, ConViT, MaxViT) and big_vision (`.npz`; ViT).
 
   model, params = checkpoints.load_model("deit_small.safetensors")   # architecture + weights
   model = checkpoints.build_model("deit_small.safetensors", tokens=dict(name="evit", keep_rate=0.7))
@@ -14,14 +14,15 @@ import os
 from typing import Iterable, Mapping, Optional
 
 from vitjax import models
-from vitjax.checkpoints import (big_vision, common, timm, timm_convit, timm_davit, timm_pvt_v2,
-                                timm_swin, timm_twins)
+from vitjax.checkpoints import (big_vision, common, timm, timm_convit, timm_davit, timm_maxvit,
+                                timm_pvt_v2, timm_swin, timm_twins)
 from vitjax.checkpoints.common import CheckpointMismatch, merge  # noqa: F401
 
 FORMATS = {"timm": timm, "big_vision": big_vision}
 # timm model families besides the ViT: modules with MODEL (our class) and matches(state dict);
-# the first that matches wins (Twins before DaViT, DaViT before PVTv2: their files share names)
-TIMM_FAMILIES = (timm_swin, timm_twins, timm_davit, timm_pvt_v2, timm_convit)
+# the first that matches wins (Twins before DaViT, DaViT and MaxViT before PVTv2: their files
+# share names)
+TIMM_FAMILIES = (timm_swin, timm_twins, timm_davit, timm_maxvit, timm_pvt_v2, timm_convit)
 
 
 def detect_format(path: str) -> str:
