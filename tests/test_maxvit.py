@@ -261,20 +261,22 @@ def test_logits_and_gradients_match_timm(reference):
   variables = timm_maxvit.load_variables(path, model)
   logits, (grads, dx) = logits_and_grads(variables["params"], variables["batch_stats"],
                                          ref["x"], ref["cot"])
-  np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-4, rtol=0)
-  np.testing.assert_allclose(np.asarray(dx), ref["dx"], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-5, rtol=0)
+  # the perturbed weights give small input gradients (|dx| <= ~1e-4): compared relative to them
+  np.testing.assert_allclose(np.asarray(dx), ref["dx"], atol=1e-4 * np.abs(ref["dx"]).max(),
+                             rtol=0)
   theirs = timm_maxvit.timm_vit.read_state_dict(os.path.join(out, "grads.safetensors"))
   ours = timm_maxvit.to_timm(grads, model)
   ours = {k: v for k, v in ours.items() if not k.endswith(timm_maxvit.STATS)}
   assert set(ours) == set(theirs)
   for k, g in ours.items():
-    np.testing.assert_allclose(g, theirs[k], atol=1e-4 * max(1.0, np.abs(theirs[k]).max()),
-                               rtol=1e-3, err_msg=k)
+    np.testing.assert_allclose(g, theirs[k], atol=1e-3 * np.abs(theirs[k]).max(), rtol=0,
+                               err_msg=k)
   # training mode: BatchNorm normalises with the batch's statistics and moves its running means
   # as PyTorch's momentum 0.1 does
   (train_logits, _), new = jax.jit(lambda v, x: MODEL.apply(
       v, x, train=True, mutable=["batch_stats"]))(variables, ref["x"])
-  np.testing.assert_allclose(np.asarray(train_logits), ref["train_logits"], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(np.asarray(train_logits), ref["train_logits"], atol=1e-5, rtol=0)
   means = timm_maxvit.timm_vit.read_state_dict(os.path.join(out, "train_means.safetensors"))
   for k, v in timm_maxvit.to_timm({"params": variables["params"], **new}, model).items():
     if k in means:

@@ -104,7 +104,7 @@ def model_config(sd: Mapping) -> dict:
               expand_ratio=float(first(0, "conv.conv1_1x1.weight")[0]) / dims[0],
               se_ratio=float(first(0, "conv.se.fc1.weight")[0]) / dims[0],
               head_hidden=int(sd["head.pre_logits.fc.weight"].shape[0]),
-              qkv_bias=f"stages.0.blocks.0.attn_block.attn.qkv.bias" in sd,
+              qkv_bias="stages.0.blocks.0.attn_block.attn.qkv.bias" in sd,
               num_classes=int(sd["head.fc.weight"].shape[0]) if "head.fc.weight" in sd else 0,
               image_size=PARTITION_RATIO * int(window))
 
@@ -158,7 +158,8 @@ def batch_stats_from_timm(sd: Mapping, model) -> dict:
 
 def variables_from_timm(sd: Mapping, model, *, skip: Iterable[str] = ()) -> dict:
   """{"params", "batch_stats"} for `model` from a timm MaxViT state dict."""
-  return {"params": from_timm(sd, model, skip=skip), "batch_stats": batch_stats_from_timm(sd, model)}
+  return {"params": from_timm(sd, model, skip=skip),
+          "batch_stats": batch_stats_from_timm(sd, model)}
 
 
 def load(path: str, model, **kw) -> dict:
