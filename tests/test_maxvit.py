@@ -272,9 +272,11 @@ def test_logits_and_gradients_match_timm(reference):
   for k, g in ours.items():
     np.testing.assert_allclose(g, theirs[k], atol=1e-3 * np.abs(theirs[k]).max(), rtol=0,
                                err_msg=k)
-  # training mode: BatchNorm normalises with the batch's statistics and moves its running means
-  # as PyTorch's momentum 0.1 does
-  (train_logits, _), new = jax.jit(lambda v, x: MODEL.apply(
+  # training mode: BatchNorm normalises with the batch's statistics and, with timm's momentum
+  # (PyTorch's 0.1; the default is the official 0.99), moves its running means as timm does
+  assert MODEL.bn_momentum == 0.99
+  like_timm = tiny(bn_momentum=0.9)
+  (train_logits, _), new = jax.jit(lambda v, x: like_timm.apply(
       v, x, train=True, mutable=["batch_stats"]))(variables, ref["x"])
   np.testing.assert_allclose(np.asarray(train_logits), ref["train_logits"], atol=1e-5, rtol=0)
   means = timm_maxvit.timm_vit.read_state_dict(os.path.join(out, "train_means.safetensors"))

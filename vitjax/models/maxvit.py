@@ -22,8 +22,9 @@ official weights:
   head     global average pool, LayerNorm, Linear + tanh (pre-logits, width head_hidden),
            (dropout,) Linear.
 GELU is the tanh approximation everywhere (timm's 'gelu_tanh', as TensorFlow's), BatchNorm has
-epsilon 1e-3 and PyTorch momentum 0.1 (flax momentum 0.9), LayerNorm epsilon 1e-5, and
-stochastic depth rises linearly over the MaxViT blocks (the three parts of a block share it).
+epsilon 1e-3 and the official momentum 0.99 (TensorFlow's and flax's convention: PyTorch's 0.01),
+LayerNorm epsilon 1e-5, and stochastic depth rises linearly over the MaxViT blocks (the three
+parts of a block share it).
 
 Variants ("T", "S", "B"): timm's maxvit_{tiny,small,base}_tf_224; parameter counts equal timm's
 (T 30,916,528; S 68,927,956; B 119,467,708 with 1000 classes); analytic MACs at 224
@@ -33,9 +34,15 @@ Deviations (own design, also in the README):
 - A stage grid that P or G does not divide is padded at the bottom and right with keys that get
   no weight (the attention's rule); timm and the official code require divisibility (timm
   derives P = G = image size / 32, which always divides).
-- BatchNorm statistics in training are over the whole (global) batch, as a synchronised
-  BatchNorm; PyTorch updates its running variance with the unbiased batch variance, flax with
-  the biased one (n / (n - 1) apart). Evaluation uses the running statistics in both.
+- BatchNorm statistics in training are over the whole (global) batch, as the official
+  TpuBatchNormalization over its shard groups; PyTorch updates its running variance with the
+  unbiased batch variance, flax with the biased one (n / (n - 1) apart). timm keeps PyTorch's
+  momentum 0.1 (`bn_momentum=0.9` here); evaluation uses the running statistics in all three.
+- Stochastic depth: block i of n drops with rate drop_path * i / (n - 1), as timm; the official
+  code anneals with i / n.
+- An odd side before a stride-2 block: the shortcut's average pool counts the zero padding, as
+  timm; TensorFlow's 'SAME' pooling in the official code leaves it out (at 224 px every side is
+  even and the two agree).
 - Initialisation: flax defaults (LeCun normal kernels, zero biases, BatchNorm 1 / 0) and a
   zero-initialised head; the relative position tables are N(0, 0.02^2) truncated at +-2.
 - No token reduction and no scanned blocks: convolutions and partitions need the full grid and
@@ -59,7 +66,7 @@ VARIANTS = {
 }
 NORM_EPSILON = 1e-5  # the transformer blocks' and the head's LayerNorm (timm's _tf_cfg)
 BN_EPSILON = 1e-3    # the stem's and MBConv's BatchNorm (timm's _tf_cfg, TensorFlow's default)
-BN_MOMENTUM = 0.9    # flax's convention: PyTorch's BatchNorm momentum 0.1 (timm's default)
+BN_MOMENTUM = 0.99   # the official bn_momentum (TensorFlow's convention, flax's: PyTorch's 0.01)
 
 
 def decode_variant(variant: str) -> dict:
@@ -217,7 +224,7 @@ class MaxViT(nn.Module, WithoutTokenReduction):
   gelu_approximate: bool = True  # timm's 'gelu_tanh' (TensorFlow's GELU)
   norm_epsilon: float = NORM_EPSILON
   bn_epsilon: float = BN_EPSILON
-  bn_momentum: float = BN_MOMENTUM  # flax's convention (1 - PyTorch's momentum)
+  bn_momentum: float = BN_MOMENTUM  # flax's convention (1 - PyTorch's); timm's is 0.9 here
   impl: str = "reference"  # of both attentions
   tokens: Any = None   # refused unless none (see validate)
   scan: bool = False   # refused (see validate)
