@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import timm_reference
 
-from vitjax import checkpoints, models
+import vitjax
+from vitjax import checkpoints, evaluate, models
 from vitjax.checkpoints import common, timm_maxvit
 from vitjax.models import maxvit
 from vitjax.tokens import macs as macs_lib
@@ -202,6 +203,21 @@ def test_timm_file_round_trip_with_statistics(tmp_path):
     timm_maxvit.variables_from_timm(sd, MODEL)
   with pytest.raises(ValueError, match="MaxViT checkpoints are timm files"):
     checkpoints.save(str(tmp_path / "maxvit.npz"), variables, MODEL)
+
+
+def test_file_statistics_reach_loading_and_evaluation(tmp_path):
+  """vitjax.load and evaluation's load_params give a file's running statistics with its
+  parameters (a model without them would evaluate on flax's 0 / 1)."""
+  variables = random_variables(MODEL)
+  path = str(tmp_path / "maxvit.safetensors")
+  checkpoints.save(path, variables, MODEL)
+  want = common.flatten(common.to_numpy(variables))
+  model, loaded, _ = vitjax.load(path, image_size=SIZE)
+  assert model == MODEL
+  got = common.flatten(loaded)
+  assert set(got) == set(want) and all(np.array_equal(got[k], want[k]) for k in want)
+  _, _, stats = evaluate.load_params(None, model, None, path)
+  assert common.flatten(stats).keys() == common.flatten(variables["batch_stats"]).keys()
 
 
 # ------------------------------------------------------------------ parity with timm

@@ -92,6 +92,13 @@ def load(path: str, model, *, fmt: Optional[str] = None, skip: Iterable[str] = (
   return _module(fmt, path, model).load(path, model, skip=skip, **kw)
 
 
+def load_batch_stats(path: str, model, *, fmt: Optional[str] = None) -> dict:
+  """The running statistics a file holds for `model` (MaxViT's BatchNorm), {} for a family that
+  keeps none."""
+  mod = _module(fmt, path, model)
+  return mod.load_batch_stats(path, model) if hasattr(mod, "load_batch_stats") else {}
+
+
 def load_into(path: str, model, init_params: Mapping, *, fmt: Optional[str] = None,
               skip: Iterable[str] = ()) -> dict:
   """The file's parameters over `init_params` (those in `skip` keep their initial values)."""
