@@ -147,6 +147,7 @@ def test_mbconv_matches_its_definition():
     (dict(scan=True), "MaxViT cannot scan its blocks"),
     (dict(variant="L"), "unknown MaxViT variant 'L'; valid: T, S, B"),
     (dict(depths=(1, 1, 1)), "must name the same number"),
+    (dict(grid_size=0), "window_size 2 and grid_size 0; both are positive ints"),
     (dict(head_dim=24), "stage 0 has width 32, not divisible by head_dim 24"),
     (dict(se_ratio=0.01), "se_ratio 0.01 gives no squeeze-excitation channel for width 32"),
     (dict(impl="cudnn"), "supports impl"),

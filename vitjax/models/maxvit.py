@@ -304,6 +304,9 @@ class MaxViT(nn.Module, WithoutTokenReduction):
                        f"stem_width {self.stem_width} must be positive ints")
     if len(self.image_size) != 2 or any(int(v) < 1 for v in self.image_size):
       raise ValueError(f"image size {tuple(self.image_size)}; give (height, width), positive")
+    if min(int(self.window_size), int(self.grid_size)) < 1:
+      raise ValueError(f"window_size {self.window_size} and grid_size {self.grid_size}; both "
+                       "are positive ints (7 in every variant)")
     for s, width in enumerate(self.embed_dims):
       if self.head_dim < 1 or width % self.head_dim:
         raise ValueError(f"stage {s} has width {width}, not divisible by head_dim "
