@@ -287,7 +287,7 @@ class MaxViT(nn.Module, WithoutTokenReduction):
     if first == "stem":
       return 0
     if first.startswith("stage_"):
-      return 1 + int(first.split("_")[1].split("/")[0])
+      return 1 + int(first[len("stage_"):])
     return self.depth + 1
 
   def validate(self):
