@@ -71,8 +71,8 @@ def model_config(path: str, fmt: Optional[str] = None, **kw) -> dict:
 def build_model(path: str, *, fmt: Optional[str] = None, num_classes: Optional[int] = None,
                 image_size=None, dtype: str = "float32", num_heads: Optional[int] = None,
                 **overrides):
-  """A ViT, Swin, PVTv2, Twins, DaViT or ConViT with the architecture of the file (any field
-  overridable, e.g. tokens=...), without its weights: `load_model` gives both."""
+  """A ViT, Swin, PVTv2, Twins, DaViT, ConViT or MaxViT with the architecture of the file (any
+  field overridable, e.g. tokens=...), without its weights: `load_model` gives both."""
   kw = {"num_heads": num_heads} if num_heads else {}
   cfg = model_config(path, fmt, **kw)
   file_classes, file_size = cfg.pop("num_classes"), cfg.pop("image_size", None)
