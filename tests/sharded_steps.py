@@ -9,8 +9,9 @@ from vitjax.train import mesh as mesh_lib
 from vitjax.train import optim, recipe, trainer
 
 
-def fsdp_steps(data_dir, model_cfg: dict, pp: str = None, steps: int = 2):
-  """-> (losses, last metrics, flat params before, flat params after, shardings).
+def fsdp_steps(data_dir, model_cfg: dict, pp: str = None, steps: int = 2, states: list = None):
+  """-> (losses, last metrics, flat params before, flat params after, shardings); the train
+  states before and after are appended to `states` when given (BatchNorm statistics).
 
   Mesh data 2 x fsdp 4, layer-wise lr decay 0.75, batch 16. No warm-up: the zero-initialised
   head moves in step 1, so step 2 reaches every parameter."""
@@ -33,8 +34,12 @@ def fsdp_steps(data_dir, model_cfg: dict, pp: str = None, steps: int = 2):
   step = jax.jit(trainer.make_train_step(model, tx, config),
                  in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                  out_shardings=(shardings, None))
+  if states is not None:
+    states.append(jax.device_get(state))
   losses = []
   for _ in range(steps):
     state, metrics = step(state, trainer.global_batch(batch, mesh_lib.batch_sharding(mesh)))
     losses.append(float(metrics["train/loss"]))
+  if states is not None:
+    states.append(jax.device_get(state))
   return losses, metrics, before, common.flatten(jax.device_get(state.params)), shardings

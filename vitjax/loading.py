@@ -63,7 +63,8 @@ def _load_file(path: str, config, step, ema: bool, overrides: dict):
     raise LoadError(f"{path} is a timm/big_vision file: config=, step= and ema= are for training "
                     "workdirs; pass model fields instead (num_classes=, tokens=, ...)")
   model, params = checkpoints.load_model(path, **overrides)
-  return model, {"params": params}, None
+  stats = checkpoints.load_batch_stats(path, model)  # running statistics (BatchNorm), if any
+  return model, {"params": params, **({"batch_stats": stats} if stats else {})}, None
 
 
 # ------------------------------------------------------------------ workdirs

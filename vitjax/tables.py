@@ -112,6 +112,17 @@ def mvitv2_table() -> str:
   return "\n".join(rows)
 
 
+def maxvit_table() -> str:
+  rows = ["| variant | stem | embed dims | depths (MaxViT blocks) | heads | window / grid | "
+          "pre-logits |", "|---|---|---|---|---|---|---|"]
+  for name, (dims, depths, hidden) in models.maxvit.VARIANTS.items():
+    heads = [d // models.MaxViT.head_dim for d in dims]
+    rows.append(f"| `{name}` | {models.MaxViT.stem_width} | {', '.join(map(str, dims))} | "
+                f"{', '.join(map(str, depths))} | {', '.join(map(str, heads))} | "
+                f"{models.MaxViT.window_size} / {models.MaxViT.grid_size} | {hidden} |")
+  return "\n".join(rows)
+
+
 def quant_table() -> str:
   """One row per registered quantizer, in registration order, from its registry entry and its
   class's contract (needs_softmax, uniform_dense_inputs, options)."""
@@ -127,16 +138,16 @@ def quant_table() -> str:
 
 
 TABLES = {"attention": attention_table, "tokens": tokens_table, "backbones": backbone_table,
-          "swin": swin_table, "davit": davit_table, "mvitv2": mvitv2_table, "quant": quant_table,
-          "compatibility": compatibility_table}
+          "swin": swin_table, "davit": davit_table, "mvitv2": mvitv2_table,
+          "maxvit": maxvit_table, "quant": quant_table, "compatibility": compatibility_table}
 
 
 def update(path: str):
   """Replaces each `<!-- NAME table -->...<!-- end -->` block of `path` with a fresh table."""
   text = open(path).read()
   for name, fn in TABLES.items():
-    text = re.sub(rf"(<!-- {name} table -->\n).*?(\n<!-- end -->)",
-                  lambda m, fn=fn: m.group(1) + fn() + m.group(2), text, flags=re.S)
+    text = re.sub(rf"(<!-- {name} table -->\n)(?:.*?\n)??(<!-- end -->)",
+                  lambda m, fn=fn: m.group(1) + fn() + "\n" + m.group(2), text, flags=re.S)
   with open(path, "w") as f:
     f.write(text)
 

@@ -279,6 +279,12 @@ class Recipe:
       kept = sorted(set(shardings) - set(loaded))
       print(f"initialised from {path}" + (f"; kept the initial {kept}" if kept else ""), flush=True)
     opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
+    stats = common.flatten(checkpoints.load_batch_stats(path, self.model))
+    if stats:  # the file's running statistics (BatchNorm) too
+      stat_shardings = common.flatten(state_shardings.batch_stats)
+      state = state.replace(batch_stats=common.unflatten({
+          k: put_global(stats[k], stat_shardings[k]) if k in stats else v
+          for k, v in common.flatten(state.batch_stats).items()}))
     return state.replace(params=params, opt_state=opt_state)
 
   def evaluate_ema(self, state, evaluate, make_eval_step) -> dict:
@@ -308,8 +314,11 @@ def make_teacher(config, data_info, image_shape, mesh):
     teacher = models.build(teacher_cfg, num_classes=data_info.num_classes, image_size=size)
   else:  # the architecture stored in the file
     teacher = checkpoints.build_model(path, num_classes=data_info.num_classes, image_size=size)
-  params = checkpoints.load(path, teacher)
+  variables = {"params": checkpoints.load(path, teacher)}
+  stats = checkpoints.load_batch_stats(path, teacher)
+  if stats:  # running statistics (BatchNorm)
+    variables["batch_stats"] = stats
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  params = put_global(params, jax.tree_util.tree_map(lambda _: replicated, params))
-  forward = jax.jit(lambda p, x: teacher.apply({"params": p}, x, train=False)[0])
-  return lambda images: forward(params, images)
+  variables = put_global(variables, jax.tree_util.tree_map(lambda _: replicated, variables))
+  forward = jax.jit(lambda v, x: teacher.apply(v, x, train=False)[0])
+  return lambda images: forward(variables, images)
