@@ -546,6 +546,110 @@ def test_gpsa_locality_init_gates_and_rows():
   close(m.apply({"params": p}, x, ctx, need=("attn",))[1]["attn"].sum(-1), 1.0)
 
 
+# ----------------------------------------------------------------------------- GC ViT global query
+def naive_gcvit(p, x, gq, grid, npre, window, valid=None):
+  """GC ViT's global query attention as global attention with an explicit window mask: patch
+  (r, c) has the query gq[(r mod wh) * ww + c mod ww] (the global query token of its place in the
+  window, shared by every window) and sees the patches of its window with the offset bias; a
+  prefix row has its own features as query and sees every token, without bias."""
+  n = x.shape[1]
+  r, c = coords(grid)
+  q = jnp.concatenate([x[:, :npre], gq[:, (r % window[0]) * window[1] + c % window[1]]], 1)
+  k, v = (heads(t) for t in jnp.split(dense(p["qkv"], x), 2, -1))
+  allowed = np.zeros((n, n), bool)
+  allowed[:npre] = True
+  allowed[npre:, npre:] = swin_allowed(grid, window, (0, 0))
+  bias = jnp.zeros((H, n, n)).at[:, npre:, npre:].set(
+      offset_bias(p["relative_position_bias_table"], grid, window))
+  s = jnp.einsum("bnhd,bmhd->bhnm", heads(q), k) / math.sqrt(D // H) + bias
+  mask = jnp.asarray(allowed)[None, None]
+  if valid is not None:
+    mask = mask & valid[:, None, None, :]
+  w = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
+  return dense(p["proj"], jnp.einsum("bhnm,bmhd->bnhd", w, v).reshape(x.shape))
+
+
+# (grid, prefix tokens, window, impl): the window divides the grid / pads it
+GCVIT_CASES = [((8, 6), 1, (4, 3), "reference"), ((5, 6), 0, (2, 3), "reference"),
+               ((5, 6), 2, (2, 3), "xla")]
+
+
+@pytest.mark.parametrize("case", range(len(GCVIT_CASES)))
+def test_gcvit_global_matches_masked_global_attention(case):
+  """The global queries given in the context: forward and the gradients of the parameters, the
+  tokens and the global queries, against `naive_gcvit`."""
+  grid, npre, window, impl = GCVIT_CASES[case]
+  x = tokens(grid, npre)
+  gq = jax.random.normal(jax.random.key(3), (2, window[0] * window[1], D))
+  valid = jnp.ones(x.shape[:2], bool).at[1, npre + 4].set(False)
+  m = build("gcvit_global", impl, window_size=window)
+  r = jax.random.normal(jax.random.key(7), x.shape)
+
+  @jax.jit
+  def run(x, gq):
+    ctx = AttnContext(grid=grid, num_prefix=npre, valid=valid, global_query=gq)
+    p = perturbed(m.init(jax.random.key(1), x, ctx))
+    ours = lambda p_, x_, g_: m.apply(p_, x_, ctx.replace(global_query=g_))[0]  # noqa: E731
+    ref = lambda p_, x_, g_: naive_gcvit(p_["params"], x_, g_, grid, npre, window,  # noqa: E731
+                                         valid)
+    grads = [jax.grad(lambda *a, f=f: (f(*a) * r).sum(), argnums=(0, 1, 2))(p, x, gq)
+             for f in (ours, ref)]
+    return p, ours(p, x, gq), ref(p, x, gq), grads
+
+  p, y, want, (g, g_ref) = run(x, gq)
+  assert set(p["params"]) == {"qkv", "proj", "relative_position_bias_table"}
+  assert p["params"]["qkv"]["kernel"].shape == (D, 2 * D)  # keys and values only
+  close(y, want, atol=2e-5)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    close(a, b, atol=1e-5 * float(jnp.abs(b).max()) + 1e-6, rtol=1e-4)
+
+
+def gcvit_reference_case():
+  test_gcvit_global_matches_masked_global_attention(0)
+
+
+def test_gcvit_global_derives_its_queries_as_the_feature_block():
+  """Without global queries in the context the layer makes them from its own patch tokens:
+  zero-padded to multiples of the window (6x7 -> 8x8 for window 4), then the FeatExtract path
+  with log2(8 / 4) = 1 level; the same as handing it that FeatureBlock's output."""
+  from vitjax.attention import gcvit  # pylint: disable=import-outside-toplevel
+  grid, npre = (6, 7), 1
+  x = tokens(grid, npre)
+  m = build("gcvit_global", window_size=4)
+  ctx = AttnContext(grid=grid, num_prefix=npre)
+  p = perturbed(init(m, x, ctx))
+  assert set(p["params"]["global_block"]) == {"conv1"}  # one MbConv (and a max pool)
+  img = jnp.pad(x[:, npre:].reshape(2, *grid, D), [(0, 0), (0, 2), (0, 1), (0, 0)])
+  gq = gcvit.FeatureBlock(1).apply({"params": p["params"]["global_block"]}, img)
+  assert gq.shape == (2, 4, 4, D)
+  given = ctx.replace(global_query=gq.reshape(2, 16, D))
+  close(jitted(m)(p, x, ctx)[0], jitted(m)(p, x, given)[0], atol=1e-5)
+  # a window as large as the grid becomes the grid, and the path keeps its size (no pooling)
+  small = build("gcvit_global", window_size=9)
+  q = init(small, x, ctx)["params"]
+  assert "pool" not in str(jax.tree.structure(q)) and q["relative_position_bias_table"].shape[0] \
+      == spatial.table_size(grid)
+  # SE width: timm's make_divisible(D / 4, 8), at least 8
+  assert q["global_block"]["conv1"]["se"]["fc1"]["kernel"].shape == (1, 1, D, 8)
+  assert [gcvit.make_divisible(c / 4) for c in (16, 64, 96, 100)] == [8, 16, 24, 24]
+
+
+def test_gcvit_global_errors_are_one_line():
+  grid = (6, 6)
+  x = tokens(grid, 0)
+  ctx = AttnContext(grid=grid, num_prefix=0)
+  with pytest.raises(ValueError, match=r"6x6 grid padded to 6x6, which is not the 3x2 window "
+                     r"times a power of 2 on both axes; give ctx.global_query"):
+    build("gcvit_global", window_size=(3, 2)).init(jax.random.key(0), x, ctx)
+  bad = ctx.replace(global_query=jnp.zeros((2, 9, D)))
+  with pytest.raises(ValueError, match=r"global queries of shape \(2, 9, 32\); expected "
+                     r"\(2, 16, 32\)"):
+    build("gcvit_global", window_size=4).init(jax.random.key(0), x, bad)
+  with pytest.raises(ValueError, match="no query projection"):
+    attn_lib.build("gcvit_global", num_heads=H, dtype=jnp.float32, qk_norm=True).init(
+        jax.random.key(0), x, ctx.replace(global_query=jnp.zeros((2, 36, D))))
+
+
 REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_reference_case,
                    "twins_lsa": test_windows_without_bias_match_masked_global_attention,
                    "davit_window": test_windows_without_bias_match_masked_global_attention,
@@ -554,4 +658,5 @@ REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_ref
                    "neighborhood": neighborhood_reference_case,
                    "dilated_neighborhood": test_neighborhood_matches_masked_global_attention,
                    "maxvit_block": test_maxvit_matches_masked_global_attention,
-                   "maxvit_grid": test_maxvit_matches_masked_global_attention}
+                   "maxvit_grid": test_maxvit_matches_masked_global_attention,
+                   "gcvit_global": gcvit_reference_case}
