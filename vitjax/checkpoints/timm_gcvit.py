@@ -16,8 +16,8 @@ to one:
   conv [O, I, kh, kw]                                             kernel [kh, kw, I, O]
 
 (first_s: the blocks before stage s; our block names count over the whole model.) A state dict
-stores the heads (the tables' columns) and the windows (their rows) but not the image size:
-`model_config` gives 224 px unless told otherwise. The official NVlabs/GCVit layout is not read.
+stores the heads (the tables' columns) and square windows (their rows) but not the image size:
+`model_config` gives 224 px and timm's window_ratio unless the tables tell other square windows. The official NVlabs/GCVit layout is not read.
 """
 import math
 from typing import Iterable, Mapping
@@ -90,7 +90,13 @@ def model_config(sd: Mapping, *, num_heads=None) -> dict:
   depths = tuple(len({k.split(".")[3] for k in sd if k.startswith(f"stages.{s}.blocks.")})
                  for s in stages)
   tables = [sd[f"stages.{s}.blocks.0.{TABLE}"].shape for s in stages]
-  windows = tuple((math.isqrt(int(t[0])) + 1) // 2 for t in tables)
+  sides = [(math.isqrt(int(t[0])) + 1) // 2 for t in tables]
+  windows = {}
+  # a square window w has (2w - 1)^2 rows; timm's own windows (window_ratio at 224 px) and
+  # non-square ones (not told apart by their rows) are left to window_ratio
+  if all((2 * w - 1) ** 2 == int(t[0]) for w, t in zip(sides, tables)) and \
+      tuple(sides) != (7, 7, 14, 7)[:len(sides)]:
+    windows = dict(window_size=tuple(sides))
   dim = int(sd["stem.conv1.weight"].shape[0])
   ls = "stages.0.blocks.0.ls1.gamma" in sd
   heads = tuple(int(t[1]) for t in tables)
@@ -98,7 +104,7 @@ def model_config(sd: Mapping, *, num_heads=None) -> dict:
     raise ValueError(f"num_heads {num_heads} disagrees with the file's position tables, which "
                      f"have {heads} heads; leave num_heads out")
   return dict(name="gcvit", embed_dim=dim, depths=depths,
-              num_heads=heads, window_size=windows,
+              num_heads=heads, **windows,
               mlp_ratio=float(sd["stages.0.blocks.0.mlp.fc1.weight"].shape[0]) / dim,
               layer_scale=1e-5 if ls else None,  # an initial value: not stored
               qkv_bias="stages.0.blocks.0.attn.qkv.bias" in sd,

@@ -211,7 +211,7 @@ class GCViT(nn.Module, WithoutTokenReduction):
         raise ValueError(f"stage {s} has width {width}, not divisible by its num_heads {heads}; "
                          "use heads dividing embed_dim * 2^s")
       grid, window = self.stage_grids()[s], self.windows()[s]
-      if self.feature_levels(s) is None:
+      if min(window) < 1 or self.feature_levels(s) is None:
         raise ValueError(f"stage {s} has a {grid[0]}x{grid[1]} grid and a {window[0]}x"
                          f"{window[1]} window; GC ViT needs the grid to be the window times a "
                          "power of 2 on both axes (choose image_size and window_size so)")
