@@ -8,16 +8,17 @@ to one:
   stages.{s}.global_block.blocks.conv{i}.*                        global_{s}/conv{i}/*
   *.conv_block / conv{i}: conv_dw, se.fc1, se.fc2, conv_pw        conv_dw, se/fc1, se/fc2, conv_pw
   stages.{s}.blocks.{j}.attn.rel_pos.relative_position_bias_table
-                                           stage_{s}/block_{first_s + j}/attn/relative_position_bias_table
+                                     stage_{s}/block_{first_s + j}/attn/relative_position_bias_table
   stages.{s}.blocks.{j}.{norm1, attn.qkv, attn.proj, norm2, mlp, ls1, ls2}
-                                           stage_{s}/block_{first_s + j}/... (Linear .T)
+                                     stage_{s}/block_{first_s + j}/... (Linear .T)
   stages.{last}.norm, head.fc                                     norm, head
   .weight of a LayerNorm                                          /scale
   conv [O, I, kh, kw]                                             kernel [kh, kw, I, O]
 
 (first_s: the blocks before stage s; our block names count over the whole model.) A state dict
 stores the heads (the tables' columns) and square windows (their rows) but not the image size:
-`model_config` gives 224 px and timm's window_ratio unless the tables tell other square windows. The official NVlabs/GCVit layout is not read.
+`model_config` gives 224 px and timm's window_ratio unless the tables tell other square windows.
+The official NVlabs/GCVit layout is not read.
 """
 import math
 from typing import Iterable, Mapping

@@ -27,8 +27,8 @@ and the place of the downsampling (timm: at the start of a stage, so its global 
 the downsampled map; official: at the end of the previous stage; the same network).
 
 Variants ("XXT", "XT", "T", "S", "B"): timm's gcvit_{xxtiny,xtiny,tiny,small,base}; parameter
-counts equal timm's with 1000 classes (XXT 12,002,036; XT 19,976,260; T 28,219,324; S 51,089,240;
-B 90,317,944).
+counts equal timm's with 1000 classes (XXT 11,995,428; XT 19,981,294; T 28,221,974; S 51,092,173;
+B 90,320,836).
 
 Deviations (own design, also in the README):
 - Initialisation: flax defaults (LeCun normal kernels, zero biases), the tables N(0, .02^2)
