@@ -22,9 +22,10 @@ design, with its own FeatureBlock per layer) by the same path: the patch tokens 
 map, zero-padded at the bottom and right to multiples of the window (as the windows are), then
 the FeatExtract path: k = log2(padded / window) times an MbConv block followed by a 3x3
 stride-2 max pool (padding 1), or one MbConv block alone when k = 0 (timm's FeatureBlock with k
-levels; the official GlobalQueryGen for the 224 px stages). An MbConv block is x + conv_pw(SE(GELU(conv_dw(x)))): a
-depthwise 3x3 conv, exact GELU, squeeze-and-excitation (mean over the map, 1x1 conv to
-make_divisible(D / 4, 8) channels, GELU, 1x1 conv, sigmoid gate) and a 1x1 conv, none with a bias.
+levels; the official GlobalQueryGen for the 224 px stages). An MbConv block is
+x + conv_pw(SE(GELU(conv_dw(x)))): a depthwise 3x3 conv, exact GELU, squeeze-and-excitation
+(mean over the map, 1x1 conv to make_divisible(D / 4, 8) channels, GELU, 1x1 conv, sigmoid gate)
+and a 1x1 conv, none with a bias.
 A padded grid that is not the window times 2^k (the same k on both axes) is refused.
 
 Padding: a grid that the window does not divide is padded at the bottom and right and the padded
