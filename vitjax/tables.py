@@ -123,6 +123,15 @@ def maxvit_table() -> str:
   return "\n".join(rows)
 
 
+def gcvit_table() -> str:
+  rows = ["| variant | embed dim | depths | heads | MLP ratio | layer scale |",
+          "|---|---|---|---|---|---|"]
+  for name, (dim, depths, heads, ratio, scale) in models.gcvit.VARIANTS.items():
+    rows.append(f"| `{name}` | {dim} | {', '.join(map(str, depths))} | "
+                f"{', '.join(map(str, heads))} | {ratio:g} | {scale if scale else '-'} |")
+  return "\n".join(rows)
+
+
 def quant_table() -> str:
   """One row per registered quantizer, in registration order, from its registry entry and its
   class's contract (needs_softmax, uniform_dense_inputs, options)."""
@@ -139,7 +148,8 @@ def quant_table() -> str:
 
 TABLES = {"attention": attention_table, "tokens": tokens_table, "backbones": backbone_table,
           "swin": swin_table, "davit": davit_table, "mvitv2": mvitv2_table,
-          "maxvit": maxvit_table, "quant": quant_table, "compatibility": compatibility_table}
+          "maxvit": maxvit_table, "gcvit": gcvit_table, "quant": quant_table,
+          "compatibility": compatibility_table}
 
 
 def update(path: str):

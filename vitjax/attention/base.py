@@ -45,6 +45,9 @@ class AttnContext:
   step: Optional[jax.Array] = None      # training step, for schedules inside a mechanism
   progress: Optional[jax.Array] = None  # float32 scalar in [0, 1]: step / total steps; None in
                                         # evaluation
+  global_query: Optional[jax.Array] = None  # [B, T, D] queries from outside the layer, shared
+                                            # by every window of T tokens (GC ViT's global
+                                            # query tokens, made once per stage)
   grid: Optional[tuple] = flax.struct.field(pytree_node=False, default=None)  # (h, w), raster order
   num_prefix: int = flax.struct.field(pytree_node=False, default=1)  # CLS + dist + registers
   cls_index: Optional[int] = flax.struct.field(pytree_node=False, default=0)  # None: no CLS

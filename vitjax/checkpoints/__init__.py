@@ -1,5 +1,5 @@
 """Pretrained checkpoints in and out: timm (`.safetensors`, `.pth`; ViT, Swin, PVTv2, Twins,
-DaViT, ConViT, MViTv2, MaxViT) and big_vision (`.npz`; ViT).
+DaViT, ConViT, MViTv2, MaxViT, GC ViT) and big_vision (`.npz`; ViT).
 
   model, params = checkpoints.load_model("deit_small.safetensors")   # architecture + weights
   model = checkpoints.build_model("deit_small.safetensors", tokens=dict(name="evit", keep_rate=0.7))
@@ -14,16 +14,16 @@ import os
 from typing import Iterable, Mapping, Optional
 
 from vitjax import models
-from vitjax.checkpoints import (big_vision, common, timm, timm_convit, timm_davit, timm_maxvit,
-                                timm_mvitv2, timm_pvt_v2, timm_swin, timm_twins)
+from vitjax.checkpoints import (big_vision, common, timm, timm_convit, timm_davit, timm_gcvit,
+                                timm_maxvit, timm_mvitv2, timm_pvt_v2, timm_swin, timm_twins)
 from vitjax.checkpoints.common import CheckpointMismatch, merge  # noqa: F401
 
 FORMATS = {"timm": timm, "big_vision": big_vision}
 # timm model families besides the ViT: modules with MODEL (our class) and matches(state dict);
-# the first that matches wins (Twins before DaViT; DaViT, MViTv2 and MaxViT before PVTv2:
-# their files share names)
-TIMM_FAMILIES = (timm_swin, timm_twins, timm_davit, timm_mvitv2, timm_maxvit, timm_pvt_v2,
-                 timm_convit)
+# the first that matches wins (Twins before DaViT; DaViT, MViTv2, MaxViT and GC ViT before
+# PVTv2: their files share names)
+TIMM_FAMILIES = (timm_swin, timm_twins, timm_davit, timm_mvitv2, timm_maxvit, timm_gcvit,
+                 timm_pvt_v2, timm_convit)
 
 
 def detect_format(path: str) -> str:
@@ -72,8 +72,9 @@ def model_config(path: str, fmt: Optional[str] = None, **kw) -> dict:
 def build_model(path: str, *, fmt: Optional[str] = None, num_classes: Optional[int] = None,
                 image_size=None, dtype: str = "float32", num_heads: Optional[int] = None,
                 **overrides):
-  """A ViT, Swin, PVTv2, Twins, DaViT, ConViT, MViTv2 or MaxViT with the architecture of the
-  file (any field overridable, e.g. tokens=...), without its weights: `load_model` gives both."""
+  """A ViT, Swin, PVTv2, Twins, DaViT, ConViT, MViTv2, MaxViT or GC ViT with the architecture of
+  the file (any field overridable, e.g. tokens=...), without its weights: `load_model` gives
+  both."""
   kw = {"num_heads": num_heads} if num_heads else {}
   cfg = model_config(path, fmt, **kw)
   file_classes, file_size = cfg.pop("num_classes"), cfg.pop("image_size", None)

@@ -3,9 +3,10 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from vitjax.models import convit, davit, maxvit, mvitv2, nat, pvt_v2, swin, twins
+from vitjax.models import convit, davit, gcvit, maxvit, mvitv2, nat, pvt_v2, swin, twins
 from vitjax.models.convit import ConViT
 from vitjax.models.davit import DaViT
+from vitjax.models.gcvit import GCViT
 from vitjax.models.maxvit import MaxViT
 from vitjax.models.mvitv2 import MViTv2
 from vitjax.models.nat import NAT, DiNAT
@@ -15,13 +16,15 @@ from vitjax.models.twins import Twins
 from vitjax.models.vit import VARIANTS, ViT, decode_variant, resample_posemb, sincos2d  # noqa: F401
 
 MODELS = {"vit": ViT, "swin": Swin, "pvt_v2": PVTv2, "twins": Twins, "davit": DaViT, "nat": NAT,
-          "dinat": DiNAT, "convit": ConViT, "mvitv2": MViTv2, "maxvit": MaxViT}
+          "dinat": DiNAT, "convit": ConViT, "mvitv2": MViTv2, "maxvit": MaxViT,
+          "gcvit": GCViT}
 # How each family reads its variant string ("S/16" for the ViT, "T" for Swin, "b0" for PVTv2).
 VARIANT_DECODERS = {"vit": decode_variant, "swin": swin.decode_variant,
                     "pvt_v2": pvt_v2.decode_variant, "twins": twins.decode_variant,
                     "davit": davit.decode_variant, "nat": nat.decode_variant,
                     "dinat": nat.decode_dinat_variant, "convit": convit.decode_variant,
-                    "mvitv2": mvitv2.decode_variant, "maxvit": maxvit.decode_variant}
+                    "mvitv2": mvitv2.decode_variant, "maxvit": maxvit.decode_variant,
+                    "gcvit": gcvit.decode_variant}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -38,7 +41,7 @@ def build(model_cfg, *, num_classes: int, image_size, dtype: str = "float32"):
   / "B" and ConViT's fields (local_up_to_layer, locality_strength, ...); name "mvitv2" with
   variant "T" / "S" / "B" and MViTv2's fields (embed_dims, depths, q_strides, kv_stride, ...); name
   "maxvit" with variant "T" / "S" / "B" and MaxViT's fields (embed_dims, depths, window_size,
-  grid_size, ...).
+  grid_size, ...); name "gcvit" with variant "XXT" / "XT" / "T" / "S" / "B" and GC ViT's fields.
   """
   cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
   name = cfg.pop("name", "vit")

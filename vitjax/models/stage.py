@@ -271,11 +271,11 @@ class Stage(nn.Module):
     return plans
 
   # ----- forward -----
-  def context(self, state, reduced: bool, prop_attn: bool, step, progress):
+  def context(self, state, reduced: bool, prop_attn: bool, step, progress, global_query=None):
     key_bias = jnp.log(state.size) if (prop_attn and reduced) else None
     return attn_lib.AttnContext(
         key_bias=key_bias, size=state.size, valid=state.valid, pos=state.pos, step=step,
-        progress=progress, grid=None if reduced else tuple(self.grid),
+        progress=progress, global_query=global_query, grid=None if reduced else tuple(self.grid),
         num_prefix=self.num_prefix, cls_index=0 if self.class_token else None)
 
   def initial_state(self, x):
@@ -284,11 +284,12 @@ class Stage(nn.Module):
                                     track_source=self.track_source, with_pos=with_pos)
 
   @nn.compact
-  def __call__(self, x, *, train: bool = False, step=None, progress=None):
+  def __call__(self, x, *, train: bool = False, step=None, progress=None, global_query=None):
+    """global_query [B, T, D]: handed to every block's attention in its context (GC ViT)."""
     plans = self.check()
     state, out = self.initial_state(x), {}
     if self.scan:
-      return self.scanned(x, state, train, step, progress) + (out,)
+      return self.scanned(x, state, train, step, progress, global_query) + (out,)
     cls, _ = self.reducer()
     prop_attn = self.plan().prop_attn
     attend, feed_forward = Block.attend, Block.feed_forward
@@ -296,6 +297,8 @@ class Stage(nn.Module):
       attend = nn.remat(Block.attend, static_argnums=(3, 4))
       feed_forward = nn.remat(Block.feed_forward, static_argnums=(2,))
     reduced, prev_aux, det = False, {}, not train
+    context = lambda: self.context(state, reduced, prop_attn, step, progress,  # noqa: E731
+                                   global_query)
     for i, (kwargs, bp) in enumerate(zip(self.blocks, plans), start=self.first_block):
       blk = Block(name=f"block_{i}", **kwargs)
       need, before = bp.need, (x, state)
@@ -308,13 +311,12 @@ class Stage(nn.Module):
         if cls.reads == tokens_base.OWN_BLOCK:
           # this block's attention on the unreduced tokens feeds the reducer; its output is
           # discarded (XLA drops the unused P.V and projection)
-          _, aux = attend(blk, x, self.context(state, reduced, prop_attn, step, progress), need,
-                          det)
+          _, aux = attend(blk, x, context(), need, det)
           need = ()
         x, state = reducer(x, state, aux, deterministic=det)
         reduced = True
         self.record(out, i, state, aux)
-      x, aux = attend(blk, x, self.context(state, reduced, prop_attn, step, progress), need, det)
+      x, aux = attend(blk, x, context(), need, det)
       if reducer is not None and cls.hook == tokens_base.AFTER_ATTENTION:
         x, state = reducer(x, state, aux, deterministic=det)
         reduced = True
@@ -328,7 +330,7 @@ class Stage(nn.Module):
       out[f"block_{i}"] = x
     return x, state, out
 
-  def scanned(self, x, state, train, step, progress):
+  def scanned(self, x, state, train, step, progress, global_query=None):
     block = nn.remat(ScanBlock, static_argnums=()) if self.remat else ScanBlock
     scan = nn.scan(block, variable_axes={"params": 0, "batch_stats": 0},
                    split_rngs={"params": True, "dropout": True}, in_axes=0,
@@ -337,8 +339,8 @@ class Stage(nn.Module):
     rates = jnp.asarray([b.get("drop_path_rate", 0.0) for b in self.blocks], jnp.float32)
     # The carry keeps one dtype: a block returns a float32 residual stream (as the unrolled path
     # has after its first block) even when the embedding is computed in bfloat16.
-    x, _ = scan(kwargs, self.context(state, False, False, step, progress), not train,
-                name="encoder")(x.astype(jnp.float32), rates)
+    ctx = self.context(state, False, False, step, progress, global_query)
+    x, _ = scan(kwargs, ctx, not train, name="encoder")(x.astype(jnp.float32), rates)
     return x, state
 
   def record(self, out: dict, block: int, state, aux: dict):
