@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from vitjax import models
+from vitjax import attention, models
+from vitjax.attention.base import AttnContext
 from vitjax.kernels import flash_attention as fa
 from vitjax.kernels import flash_sigmoid as fs
 
@@ -147,6 +148,88 @@ def test_tpu_launch_in_tpu_interpret_mode():
     close(g, rg, 1e-4)
 
 
+# ------------------------------------------------------------------ softmax with a full (pair) bias
+def pair_inputs(b, n, h, groups, seed=3):
+  """A [G, H, N, N] bias (G = 0: [H, N, N]) with a Swin-like -100 block and -inf pairs that differ
+  per group, every row keeping finite keys."""
+  g = max(groups, 1)
+  pair = jax.random.normal(jax.random.PRNGKey(seed), (g, h, n, n))
+  pair = pair.at[:, :, : n // 2, n // 2:].add(-100.0)  # a shift-mask-like region
+  for i in range(g):
+    pair = pair.at[i, :, i + 1, (3 * i) % n].set(-jnp.inf).at[i, 0, :, n - 1 - i].set(-jnp.inf)
+  return pair if groups else pair[0]
+
+
+def pair_reference(q, k, v, bias, pair):
+  """softmax_reference with pair [H, N, N] or [G, H, N, N] added to example b as pair[b % G]."""
+  full = pair if pair.ndim == 4 else pair[None]
+  full = jnp.tile(full, (q.shape[0] // full.shape[0], 1, 1, 1))
+  return softmax_reference(q, k, v, full if bias is None else full + bias)[:2]
+
+
+PAIR_CASES = [  # id, n, heads, d, dtype, groups (0: [H, N, N]), key bias, backend, blocks
+    ("n16_tpu_tiles_groups2_keybias", 16, 2, 32, jnp.float32, 2, True, "tpu_interpret", (8, 8)),
+    ("n20_gpu_shared_bias", 20, 2, 32, jnp.float32, 0, False, "gpu_interpret", (16, 16)),
+    ("n20_bf16_auto_groups4", 20, 2, 64, jnp.bfloat16, 4, True, None, None),
+]
+
+
+@pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
+def test_pair_bias_matches_reference(case):
+  """Values, lse and the gradients of q, k, v, the key bias and the pair bias (summed over the
+  examples that share it) against the materialised softmax; B = 4 examples."""
+  _, n, h, d, dtype, groups, has_bias, backend, blocks = case
+  q, k, v, bias = inputs(4, n, n, h, d, dtype, bias=has_bias)
+  pair = pair_inputs(4, n, h, groups)
+  dy, dlse = cotangents(q.shape, (4, h, n))
+
+  def run(fn, *args):
+    (y, lse), vjp = jax.vjp(fn, *args)
+    return y, lse, vjp((dy.astype(y.dtype), dlse))
+
+  kernel = lambda q, k, v, b, p: fa.attention_with_lse(q, k, v, b, pair_bias=p, backend=backend,
+                                                        blocks=blocks)
+  y, lse, grads = jax.jit(lambda *a: run(kernel, *a))(q, k, v, bias, pair)
+  ry, rlse, rgrads = run(pair_reference, q, k, v, bias, pair)
+  fwd_tol, grad_tol = (1e-5, 1e-4) if dtype == jnp.float32 else (2e-2, 5e-2)
+  close(y, ry, fwd_tol)
+  close(lse, rlse, fwd_tol)
+  for name, g, rg in zip(("dq", "dk", "dv", "dbias", "dpair"), grads, rgrads):
+    if rg is None:
+      assert g is None, name
+      continue
+    assert g.shape == rg.shape, name
+    close(g, rg, grad_tol)
+  assert float(jnp.abs(grads[4]).min()) == 0.0  # the -inf pairs get no gradient
+
+
+def test_pair_bias_tpu_launch_in_tpu_interpret_mode():
+  """The Mosaic launch with a [G, H, N, N] bias (default tiling: both heads in one program, the
+  dQ grid reducing over the examples of a group) under the TPU interpreter."""
+  q, k, v, _ = inputs(4, 20, 20, 2, 32, bias=False)
+  pair = pair_inputs(4, 20, 2, 2)
+  dy, _ = cotangents(q.shape, (1,))
+
+  def run(fn):
+    y, vjp = jax.vjp(fn, q, k, v, pair)
+    return y, vjp(dy)
+
+  with pltpu.force_tpu_interpret_mode():
+    y, grads = jax.jit(lambda: run(lambda q, k, v, p: fa.attention(q, k, v, pair_bias=p,
+                                                                    backend="tpu")))()
+  ry, rgrads = run(lambda q, k, v, p: pair_reference(q, k, v, None, p)[0])
+  close(y, ry, 1e-5)
+  for g, rg in zip(grads, rgrads):
+    close(g, rg, 1e-4)
+
+
+def test_pair_bias_shape_is_checked():
+  q, k, v, _ = inputs(4, 20, 20, 2, 32, bias=False)
+  for bad in (jnp.zeros((3, 2, 20, 20)), jnp.zeros((2, 20, 19)), jnp.zeros((20, 20))):
+    with pytest.raises(ValueError, match="pair_bias must be"):
+      fa.attention(q, k, v, pair_bias=bad)
+
+
 # ------------------------------------------------------------------ sigmoid
 SIGMOID_CASES = [  # id, nq, nk, h, d, backend, blocks
     ("n50_tpu_tiles", 50, 50, 2, 64, "tpu_interpret", (16, 16)),
@@ -191,13 +274,18 @@ def test_sigmoid_row_mass_and_duplicates():
 
 
 # ------------------------------------------------------------------ GPU lowering (no GPU needed)
-@pytest.mark.parametrize("fn", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("fn", ["softmax", "sigmoid", "softmax_pair"])
 def test_gpu_kernels_lower_to_triton(fn):
   """Lowers forward + backward for CUDA: the kernel bodies must translate to Triton IR (block
-  shapes, dots, reductions). PTX compilation and execution need a GPU and are not checked."""
+  shapes, dots, reductions). PTX compilation and execution need a GPU and are not checked.
+  softmax_pair: Swin windows (T = 49) with a [nW, H, T, T] full bias."""
   q = jax.ShapeDtypeStruct((2, 197, 6, 64), jnp.bfloat16)
   bias = jax.ShapeDtypeStruct((2, 1, 1, 197), jnp.float32)
   attn = fa.attention if fn == "softmax" else fs.sigmoid_attention
+  if fn == "softmax_pair":
+    q = jax.ShapeDtypeStruct((2 * 4, 49, 3, 32), jnp.bfloat16)
+    bias = jax.ShapeDtypeStruct((4, 3, 49, 49), jnp.float32)
+    attn = lambda q, k, v, b: fa.attention(q, k, v, pair_bias=b)  # noqa: E731
   loss = lambda q, k, v, b: attn(q, k, v, b).astype(jnp.float32).sum()
   lowered = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3))).trace(q, q, q, bias).lower(
       lowering_platforms=("cuda",))
@@ -271,3 +359,35 @@ def test_sigmoid_attention_pallas_impl_matches_reference_in_a_vit():
   for a, b in zip(jax.tree_util.tree_leaves(outs["pallas"][1]),
                   jax.tree_util.tree_leaves(outs["reference"][1])):
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_shifted_window_pallas_matches_reference():
+  """Swin's SW-MSA (8x8 grid, window 4, shift 2, a [CLS] token) with impl="pallas": windows as the
+  kernel's batch, relative position bias + shift mask as its [nW, H, T, T] full bias; forward and
+  the gradients of the input and every parameter, the relative position table's included."""
+  grid, npre = (8, 8), 1
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, npre + 64, 64))
+  ctx = AttnContext(grid=grid, num_prefix=npre)
+  build = lambda impl: attention.build(dict(name="shifted_window", window_size=4), num_heads=2,
+                                       dtype=jnp.float32, impl=impl)
+  ref, pal = build("reference"), build("pallas")
+  params = ref.init(jax.random.PRNGKey(1), x, ctx)
+  leaves, tree = jax.tree.flatten(params)  # random tables and biases, so a dropped term shows
+  keys = jax.random.split(jax.random.PRNGKey(5), len(leaves))
+  params = jax.tree.unflatten(tree, [l + 0.2 * jax.random.normal(k, l.shape)
+                                     for l, k in zip(leaves, keys)])
+  r = jax.random.normal(jax.random.PRNGKey(7), x.shape)
+
+  @jax.jit
+  def run(params, x):
+    def f(m):
+      return lambda p, x: (m.apply(p, x, ctx)[0] * r).sum()
+    return [(m.apply(params, x, ctx)[0], jax.grad(f(m), argnums=(0, 1))(params, x))
+            for m in (pal, ref)]
+
+  (y, grads), (ry, rgrads) = run(params, x)
+  close(y, ry, 1e-5)
+  table = "relative_position_bias_table"
+  assert float(jnp.abs(rgrads[0]["params"][table]).max()) > 0
+  for g, rg in zip(jax.tree.leaves(grads), jax.tree.leaves(rgrads)):
+    close(g, rg, 1e-4)

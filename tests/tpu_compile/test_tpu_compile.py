@@ -133,3 +133,37 @@ def test_block_shape_breaking_the_8_128_rule_is_rejected(topology):
   attn = sharded_attention(mesh, fa.attention, backend="tpu", blocks=(64, 64))
   with pytest.raises(Exception, match="divisible by 8 and 128"):
     jax.jit(attn).lower(*vit_args(mesh, 8, 197, 6, 64)).compile()
+
+
+PAIR_SHAPES = [  # topology, images, windows per image (G), T, heads, d, dtype
+    ("v5e:2x2", 8, 64, 49, 3, 32, "bfloat16"),   # Swin-T stage 1 SW-MSA: [nW, H, T, T] bias
+    ("v5p:2x2x1", 8, 1, 49, 3, 32, "bfloat16"),  # W-MSA: one [H, T, T] bias for every window
+    ("v5e:2x2", 4, 4, 144, 4, 64, "float32"),    # 12x12 windows: two 128-token tiles per axis
+]
+
+
+@pytest.mark.parametrize("shape", PAIR_SHAPES,
+                         ids=["-".join(map(str, (s[0], s[2], s[3], s[6]))) for s in PAIR_SHAPES])
+def test_pair_bias_kernel_compiles_forward_and_backward(shape):
+  """Window attention's path: windows as the batch (images x nW), a full [G, H, T, T] bias read by
+  b % G, its gradient (the relative position table's) summed over the batch in the dQ kernel."""
+  topology, images, groups, t, h, d, dtype = shape
+  mesh = mesh_for(topology)
+  shard, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+  b = images * groups * 4   # every device holds whole images: its b % G is the global one
+  tok = jax.ShapeDtypeStruct((b, t, h, d), jnp.dtype(dtype), sharding=shard)
+  pair = jax.ShapeDtypeStruct((groups, h, t, t), jnp.float32, sharding=whole)
+  attn = jax.shard_map(
+      lambda q, k, v, p: fa.attention(q, k, v, pair_bias=p, backend="tpu"), mesh=mesh,
+      in_specs=(P("data"),) * 3 + (P(),), out_specs=P("data"), check_vma=False)
+  info = dict(topology=topology, kernel="softmax+pair_bias", batch=b, groups=groups, n=t,
+              heads=h, d=d, dtype=dtype)
+  args = (tok, tok, tok, pair)
+  compile_and_record(attn, args, what="forward", **info)
+
+  def loss(q, k, v, p):
+    return attn(q, k, v, p).astype(jnp.float32).sum()
+
+  compiled = compile_and_record(jax.grad(loss, argnums=(0, 1, 2, 3)), args,
+                                what="forward+backward", **info)
+  assert "flash" in compiled.as_text()

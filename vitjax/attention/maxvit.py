@@ -14,7 +14,8 @@ Deviations (own design): a grid that does not divide by P or G is padded at the 
 padded keys get no weight (the official code requires divisibility); prefix tokens attend
 globally and patch queries do not see them (`cls_mode="global_row"`); a context key bias or mask
 is added to that key's logits. impl "reference" materialises each part's weights; "xla" runs
-jax.nn.dot_product_attention with the parts as the batch.
+jax.nn.dot_product_attention with the parts as the batch; "pallas" the flash kernel with the parts
+as the batch and the relative position bias [H, T, T] as its full bias (head dims 32, 64, 128).
 """
 import math
 
@@ -48,7 +49,7 @@ def tf_bias(table, size):
     "maxvit_block", caps=PARTITIONED_CAPS,
     paper="MaxViT: Multi-Axis Vision Transformer (Tu et al. 2022), block attention",
     official="https://github.com/google-research/maxvit",
-    complexity="O(N P^2 D)", impls=("reference", "xla"), macs=partition_macs)
+    complexity="O(N P^2 D)", impls=("reference", "xla", "pallas"), macs=partition_macs)
 class MaxViTBlockAttention(Attention):
   """Softmax attention inside P x P windows, with MaxViT's relative position bias."""
   partition_size: int = 7   # an int or a pair: P (block) or G (grid)

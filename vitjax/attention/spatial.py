@@ -8,7 +8,8 @@ token afterwards (`finish`, cls_mode "global_row").
 Partitions: Swin / MaxViT-block windows (`to_windows`: pad to multiples of the window, optionally
 roll by -shift, cut into windows that become the batch axis; `from_windows` inverts it) and
 MaxViT's grid groups (`to_grid` / `from_grid`); `partitioned_attention` runs softmax attention in
-each part, padded keys excluded.
+each part, padded keys excluded (impl "pallas": the flash kernel, parts as the batch, the position
+bias and shift mask as its full bias, `flash_partitioned`).
 
 Relative position bias: a learned table of (2 wh - 1)(2 ww - 1) entries per head indexed by the
 offset of two tokens; `offset_index` gives the flat index of an offset, Swin's
@@ -246,11 +247,19 @@ def partitioned_attention(q, k, v, key_bias, grid, cut, paste, pair_bias=None, m
   q, k, v [B, h*w, H, d]; key_bias [B, h*w] or None; cut(t [B, h, w, ...], fill) -> [B*nW, T, ...]
   and paste its inverse; pair_bias [H, T, T] and mask [nW, T, T] are shared by all images. Padding
   keys get PAD_LOGIT. impl "reference" materialises the weights (also whenever `drop` is given),
-  else jax.nn.dot_product_attention with the parts as the batch. Returns [B, h*w, H, d].
+  "pallas" runs the flash kernel (`flash_partitioned`), else jax.nn.dot_product_attention with
+  the parts as the batch. Returns [B, h*w, H, d].
   """
   b, _, h, d = q.shape
   img = lambda t: t.reshape(b, *grid, *t.shape[2:])  # noqa: E731
   qw, kw, vw = (cut(img(t), 0.0) for t in (q, k, v))   # [B*nW, T, H, d]
+  if impl == "pallas" and drop is None:
+    keys = None
+    if key_bias is not None or qw.shape[0] * qw.shape[1] > b * grid[0] * grid[1]:  # padding
+      kb = jnp.zeros((b, grid[0] * grid[1]), jnp.float32) if key_bias is None else key_bias
+      keys = cut(img(kb.astype(jnp.float32)), PAD_LOGIT)[:, None, None, :]   # [B*nW, 1, 1, T]
+    yw = flash_partitioned(qw, kw, vw, keys, pair_bias, mask)
+    return paste(yw).reshape(b, grid[0] * grid[1], h, d)
   t = qw.shape[1]
   kb = jnp.zeros((b, grid[0] * grid[1]), jnp.float32) if key_bias is None else key_bias
   logits_bias = cut(img(kb), PAD_LOGIT).reshape(b, -1, 1, 1, t)   # [B, nW, 1, 1, T]
@@ -270,6 +279,20 @@ def partitioned_attention(q, k, v, key_bias, grid, cut, paste, pair_bias=None, m
     yw = jax.nn.dot_product_attention(qw, kw, vw, bias=logits_bias.astype(qw.dtype),
                                       implementation="xla")
   return paste(yw).reshape(b, grid[0] * grid[1], h, d)
+
+
+def flash_partitioned(qw, kw, vw, key_bias=None, pair_bias=None, mask=None):
+  """Softmax attention of the parts [B*nW, T, H, d] (images x nW, parts fastest) through the flash
+  kernel: key_bias [B*nW, 1, 1, T] or None its per-key bias; pair_bias [H, T, T] (every part) and
+  mask [nW, T, T] (part b % nW) its full bias, [nW, H, T, T] with a mask, else [H, T, T]: never
+  expanded over the images. Head dims 32, 64 or 128 (the kernel's)."""
+  from vitjax.kernels import flash_attention  # pylint: disable=import-outside-toplevel
+  full = None if pair_bias is None else pair_bias.astype(jnp.float32)
+  if mask is not None:
+    mask = jnp.asarray(mask, jnp.float32)[:, None]               # [nW, 1, T, T]
+    full = mask if full is None else full[None] + mask
+    full = jnp.broadcast_to(full, (mask.shape[0], qw.shape[2], *mask.shape[2:]))
+  return flash_attention.attention(qw, kw, vw, key_bias, pair_bias=full)
 
 
 # ----------------------------------------------------------------------------- the shared frame

@@ -30,7 +30,11 @@ WindowAttention in timm's davit.py). Both pad the grid with zero tokens that are
 padding gets no weight, as above (at 224 px every stage of both divides by 7), unless
 `davit_window` is given padding="zeros": DaViT's own padding, which the DaViT backbone uses.
 impl "reference" materialises each window's weights; "xla" runs jax.nn.dot_product_attention with
-the windows as the batch and the bias and mask as one [windows, H, T, T] bias.
+the windows as the batch and the bias and mask as one [windows, H, T, T] bias; "pallas" runs the
+flash kernel (vitjax.kernels.flash_attention) with the windows as the batch, the relative position
+bias (+ shift mask) as its full bias [nW, H, T, T] (one [H, T, T] without a shift), read per
+window b % nW and never expanded over the images, and padding / context key biases as its per-key
+bias; it needs head dims 32, 64 or 128 and takes the reference path under attention dropout.
 """
 import math
 
@@ -62,7 +66,7 @@ def window_macs(n, width, num_heads, *, window_size, shift_size, num_prefix=1,
     "window", caps=PARTITIONED_CAPS,
     paper="Swin Transformer: Hierarchical Vision Transformer using Shifted Windows (Liu et al. 2021)",
     official="https://github.com/microsoft/Swin-Transformer",
-    complexity="O(N ws^2 D)", impls=("reference", "xla"), macs=window_macs)
+    complexity="O(N ws^2 D)", impls=("reference", "xla", "pallas"), macs=window_macs)
 class WindowAttention(Attention):
   """Softmax attention inside ws x ws windows of the patch grid, with relative position bias."""
   window_size: int = 7          # an int or (wh, ww)

@@ -1,6 +1,7 @@
 """Pallas kernels behind the attention modules (TPU Mosaic, GPU Triton; interpreted on CPU).
 
-flash_attention  softmax attention with log-sum-exp (mhsa impl="pallas")
+flash_attention  softmax attention with log-sum-exp, per-key and full (pair) biases (mhsa and the
+                 window mechanisms, impl="pallas")
 flash_sigmoid    sigmoid attention, sigma(s + b) with b = -log n (the `sigmoid` zoo entry)
 """
 from vitjax.kernels import common, flash_attention, flash_sigmoid  # noqa: F401

@@ -17,6 +17,16 @@ Every kernel is three launches around per-head bodies that the kernel module wri
 and a dQ launch with a program per query tile, and a dK/dV launch (plus the key-bias gradient)
 with a program per key tile. `Problem` holds those launches and `differentiable` their
 custom_vjp wiring, so a kernel module keeps only its bodies and its forward/backward math.
+
+A full (pair) bias [G, H, Nq, Nk] is shared by the examples b with the same b % G (G divides B:
+G = 1 for one bias for every example, G = nW for windows as the batch, images x windows). Its
+blocks follow the score tiles: (heads, block_q, Nk) rows in the forward and dQ launches, the
+transposed bias (heads, block_k, Nq) in the dK/dV launch (built once outside, so the kernel
+never transposes a tile). Its gradient, sum over the examples of a group of dS, is accumulated
+by the dQ launch: on TPU its grid becomes (G, H // heads, query tiles, B // G) with the last axis
+sequential ("arbitrary"), so one (heads, block_q, Nk) output block stays in VMEM while the
+examples of its group are summed; GPU programs run concurrently, so there dS is written per
+example ([B, H, Nq, Nk] float32, the size of the weights) and summed by XLA.
 """
 import dataclasses
 import functools
@@ -127,6 +137,28 @@ def key_bias(bias, b: int, nk: int, nk_pad: int):
   return jnp.pad(bias, ((0, 0), (0, nk_pad - nk)), constant_values=-jnp.inf)[:, None, :]
 
 
+def check_pair_bias(pair, q, k):
+  """Validates a full bias [H, Nq, Nk] or [G, H, Nq, Nk] (G dividing B); returns it as
+  [G, H, Nq, Nk] float32 (or None)."""
+  if pair is None:
+    return None
+  b, nq, h, _ = q.shape
+  nk = k.shape[1]
+  if pair.ndim == 3:
+    pair = pair[None]
+  if pair.ndim != 4 or pair.shape[1:] != (h, nq, nk) or b % pair.shape[0]:
+    raise ValueError(f"pair_bias must be [H, Nq, Nk] = {(h, nq, nk)} or [G, H, Nq, Nk] with G "
+                     f"dividing the batch {b}; got {pair.shape}")
+  return pair.astype(jnp.float32)
+
+
+def pad_pair(pair, nq_pad: int, nk_pad: int):
+  """[G, H, Nq, Nk] -> [G, H, nq_pad, nk_pad], zeros in the padding (padded keys are masked by the
+  key bias, padded queries are cut off)."""
+  _, _, nq, nk = pair.shape
+  return jnp.pad(pair, ((0, 0), (0, 0), (0, nq_pad - nq), (0, nk_pad - nk)))
+
+
 def pad_tokens(x, n_pad: int):
   """Zero-pads axis 1 (tokens) to n_pad."""
   return jnp.pad(x, ((0, 0), (0, n_pad - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
@@ -181,14 +213,15 @@ def dispatch(backend: Optional[str], tpu_fn: Callable, gpu_fn: Callable, *args):
       default=functools.partial(tpu_fn, interpret=True))
 
 
-def tpu_params(num_parallel: int, vmem_bytes: int):
-  """Mosaic compiler params: every grid axis is parallel (the key loop lives in the kernel)."""
+def tpu_params(num_parallel: int, vmem_bytes: int, num_sequential: int = 0):
+  """Mosaic compiler params: the first grid axes are parallel (the key loop lives in the kernel),
+  the last `num_sequential` sequential (a reduction revisiting its output block)."""
   from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
   limit = None
   if vmem_bytes > 12 * 2**20:  # past the 16 MiB scoped default (with headroom for temporaries)
     limit = min(round_up(2 * vmem_bytes, 2**20), 100 * 2**20)
-  return pltpu.CompilerParams(dimension_semantics=("parallel",) * num_parallel,
-                              vmem_limit_bytes=limit)
+  semantics = ("parallel",) * num_parallel + ("arbitrary",) * num_sequential
+  return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=limit)
 
 
 def gpu_params(t: Tiling):
@@ -206,13 +239,16 @@ class Layout:
   """BlockSpecs, views and layout conversions of one backend (see the module docstring).
 
   Grids are (B, H // heads, tiles): axis 2 walks query tiles (forward, dQ) or key tiles (dK/dV);
-  the other token axis is loaded whole and looped over inside the kernel.
+  the other token axis is loaded whole and looped over inside the kernel. With `reduce` = G > 0
+  (TPU, the dQ launch summing a pair-bias gradient) the grid is (G, H // heads, tiles, B // G),
+  example b = r G + g; index maps are written in (b, g, i) and `_spec` translates them.
   """
   kind: str  # "tpu" | "gpu"
   t: Tiling
   num_heads: int
   head_dim: int
   interpret: bool
+  reduce: int = 0
 
   @property
   def tpu(self) -> bool:
@@ -223,27 +259,50 @@ class Layout:
     return self.t.heads if self.tpu else 1
 
   def grid(self, b: int, tiles: int):
+    if self.reduce:
+      return (self.reduce, self.num_heads // self.t.heads, tiles, b // self.reduce)
     return (b, self.num_heads // self.t.heads, tiles)
+
+  def _spec(self, block, index):
+    """BlockSpec of `index(b, g, i)` on this layout's grid."""
+    if not self.reduce:
+      return pl.BlockSpec(block, index)
+    groups = self.reduce
+    return pl.BlockSpec(block, lambda gb, g, i, r: index(r * groups + gb, g, i))
+
+  def first_visit(self):
+    """True in the first program that sees an output block of the reduction (always without)."""
+    return pl.program_id(3) == 0 if self.reduce else True
 
   def tokens(self, block: int, tiled: bool):
     """Spec of a q/k/v-like array: `block` tokens, at grid tile i if `tiled`, else whole."""
     d, hb = self.head_dim, self.t.heads
     if self.tpu:
-      return pl.BlockSpec((None, hb, block, d), lambda b, g, i: (b, g, i if tiled else 0, 0))
-    return pl.BlockSpec((None, block, None, d), lambda b, g, i: (b, i if tiled else 0, g, 0))
+      return self._spec((None, hb, block, d), lambda b, g, i: (b, g, i if tiled else 0, 0))
+    return self._spec((None, block, None, d), lambda b, g, i: (b, i if tiled else 0, g, 0))
 
   def rows(self, block: int, tiled: bool):
     """Spec of a [B, H, 1, n] statistic."""
     hb = self.t.heads if self.tpu else None
-    return pl.BlockSpec((None, hb, 1, block), lambda b, g, i: (b, g, 0, i if tiled else 0))
+    return self._spec((None, hb, 1, block), lambda b, g, i: (b, g, 0, i if tiled else 0))
 
   def bias(self, block: int, tiled: bool):
     """Spec of a [B, 1, n] key bias."""
-    return pl.BlockSpec((None, 1, block), lambda b, g, i: (b, 0, i if tiled else 0))
+    return self._spec((None, 1, block), lambda b, g, i: (b, 0, i if tiled else 0))
+
+  def pair(self, block: int, n: int, groups: int, per_example: bool = False):
+    """Spec of a [G, H, rows, n] pair bias (or its gradient): `block` rows at grid tile i, all n
+    columns, group b % G (example b itself if `per_example`: GPU's dS output)."""
+    hb = self.t.heads if self.tpu else None
+    if per_example:
+      return self._spec((None, hb, block, n), lambda b, g, i: (b, g, i, 0))
+    if groups == 1:
+      return self._spec((None, hb, block, n), lambda b, g, i: (0, g, i, 0))
+    return self._spec((None, hb, block, n), lambda b, g, i: (b % groups, g, i, 0))
 
   def group_rows(self, block: int):
     """Spec of a [B, H // heads, 1, n] per-program-group output (the key-bias gradient)."""
-    return pl.BlockSpec((None, None, 1, block), lambda b, g, i: (b, g, 0, i))
+    return self._spec((None, None, 1, block), lambda b, g, i: (b, g, 0, i))
 
   def view(self, ref, h: int):
     """Head h of a program's block (TPU blocks carry `heads` heads; GPU blocks one)."""
@@ -267,7 +326,7 @@ class Layout:
     """pallas_call with this backend's compiler params (none in interpret mode)."""
     params = None
     if not self.interpret:
-      params = tpu_params(3, vmem) if self.tpu else gpu_params(self.t)
+      params = tpu_params(3, vmem, 1 if self.reduce else 0) if self.tpu else gpu_params(self.t)
     return pl.pallas_call(kernel, grid=self.grid(b, tiles), in_specs=in_specs,
                           out_specs=out_specs, out_shape=out_shape, compiler_params=params,
                           interpret=self.interpret, name=name)
@@ -282,6 +341,34 @@ def layout(kind: str, nq: int, nk: int, h: int, d: int, *, interpret: bool, bloc
   return Layout(kind, t, h, d, interpret)
 
 
+# ---- the bias of a program's score tiles ----
+@dataclasses.dataclass(frozen=True)
+class TileBias:
+  """The additive bias of one head's score tiles in a program; any part may be None.
+
+  row: a per-key ref (1, n), sliced with the tile (query-tile programs); col: a constant per-key
+  column (block_k, 1) (key-tile programs, which work on transposed scores); pair: a pair-bias ref
+  (rows, n), sliced with the tile; dpair: the ref (rows, n) the pair-bias gradient accumulates in.
+  """
+  row: Any = None
+  col: Any = None
+  pair: Any = None
+  dpair: Any = None
+
+  def __call__(self, start, size):
+    """The bias of the score tile of columns [start, start + size), or None."""
+    cols = pl.ds(start, size)
+    parts = [self.col] if self.col is not None else []
+    parts += [r[:, cols] for r in (self.row, self.pair) if r is not None]
+    return functools.reduce(jnp.add, parts) if parts else None
+
+  def add_grad(self, start, size, ds):
+    """Accumulates a score-tile gradient into the pair-bias gradient (when it is wanted)."""
+    if self.dpair is not None:
+      cols = pl.ds(start, size)
+      self.dpair[:, cols] = self.dpair[:, cols] + ds
+
+
 # ---- backward bodies (one head) of attention whose weights are elementwise in the scores ----
 # A kernel gives w = weights(s, *stats) and dL/ds = score_grad(w, dL/dw, *stats), with `stats` its
 # query statistics (softmax: lse and delta; sigmoid: none); the loops and accumulations are common.
@@ -293,8 +380,9 @@ def logits(a, b, scale, bias):
   return jnp.maximum(s, NEG)
 
 
-def dq_head(q_ref, k_ref, v_ref, b_ref, do_ref, *refs, lay, scale, weights, score_grad):
-  """dQ of one query tile, looping over key blocks; refs are the stat rows, then dq."""
+def dq_head(q_ref, k_ref, v_ref, bias, do_ref, *refs, lay, scale, weights, score_grad):
+  """dQ of one query tile, looping over key blocks (and the pair-bias gradient rows of the tile,
+  dL/ds itself); refs are the stat rows, then dq."""
   *stat_refs, dq_ref = refs
   q, do, t = q_ref[...], do_ref[...], lay.t
   stats = [lay.to_col(r[...]) for r in stat_refs]
@@ -303,16 +391,17 @@ def dq_head(q_ref, k_ref, v_ref, b_ref, do_ref, *refs, lay, scale, weights, scor
   def step(j, dq):
     start = pl.multiple_of(j * bk, bk)
     k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
-    w = weights(logits(q, k, scale, None if b_ref is None else b_ref[:, pl.ds(start, bk)]), *stats)
+    w = weights(logits(q, k, scale, bias(start, bk)), *stats)
     dw = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
     ds = score_grad(w, dw, *stats)
+    bias.add_grad(start, bk, ds)
     return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
   dq = lax.fori_loop(0, t.num_k, step, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def dkdv_head(q_ref, k_ref, v_ref, b_col, do_ref, *refs, lay, scale, weights, score_grad):
+def dkdv_head(q_ref, k_ref, v_ref, bias, do_ref, *refs, lay, scale, weights, score_grad):
   """dK, dV of one key tile, looping over query blocks; refs are the stat rows, then dk, dv.
   Returns the key-bias gradient column (bk, 1).
 
@@ -328,7 +417,7 @@ def dkdv_head(q_ref, k_ref, v_ref, b_col, do_ref, *refs, lay, scale, weights, sc
     start = pl.multiple_of(i * bq, bq)
     q, do = q_ref[pl.ds(start, bq), :], do_ref[pl.ds(start, bq), :]
     stats = [r[:, pl.ds(start, bq)] for r in stat_refs]
-    wt = weights(logits(k, q, scale, b_col), *stats)
+    wt = weights(logits(k, q, scale, bias(start, bq)), *stats)
     dv = dv + jnp.dot(wt.astype(do.dtype), do, preferred_element_type=jnp.float32)
     dwt = lax.dot_general(v, do, NT, preferred_element_type=jnp.float32)
     dst = score_grad(wt, dwt, *stats)
@@ -344,29 +433,46 @@ def dkdv_head(q_ref, k_ref, v_ref, b_col, do_ref, *refs, lay, scale, weights, sc
 
 
 # ---- the three launches of a kernel ----
-def _query_tile_kernel(body: Callable, lay: Layout, has_bias: bool):
-  """Refs q, k, v, [bias], *rest -> body(q, k, v, bias, *rest, lay=lay) on each program head."""
+def _split_refs(refs, has_bias: bool, has_pair: bool, want_dpair: bool):
+  """q, k, v, [bias], [pair], *rest, [dpair] -> (q, k, v), bias, pair, rest, dpair."""
+  q_ref, k_ref, v_ref, *rest = refs
+  b_ref = rest.pop(0) if has_bias else None
+  p_ref = rest.pop(0) if has_pair else None
+  dp_ref = rest.pop() if want_dpair else None
+  return (q_ref, k_ref, v_ref), b_ref, p_ref, rest, dp_ref
+
+
+def _query_tile_kernel(body: Callable, lay: Layout, has_bias: bool, has_pair: bool = False,
+                       want_dpair: bool = False):
+  """Refs q, k, v, [bias], [pair], *rest, [dpair] -> body(q, k, v, tile_bias, *rest, lay=lay) on
+  each program head."""
   def kernel(*refs):
-    q_ref, k_ref, v_ref, *rest = refs
-    b_ref = rest.pop(0) if has_bias else None
+    qkv, b_ref, p_ref, rest, dp_ref = _split_refs(refs, has_bias, has_pair, want_dpair)
+    if dp_ref is not None:
+      def zero():
+        dp_ref[...] = jnp.zeros(dp_ref.shape, dp_ref.dtype)
+      if lay.reduce:
+        pl.when(lay.first_visit())(zero)
+      else:
+        zero()
+    view = lambda r, h: None if r is None else lay.view(r, h)  # noqa: E731
     for h in range(lay.program_heads):
-      body(*(lay.view(r, h) for r in (q_ref, k_ref, v_ref)), b_ref,
-           *(lay.view(r, h) for r in rest), lay=lay)
+      bias = TileBias(row=b_ref, pair=view(p_ref, h), dpair=view(dp_ref, h))
+      body(*(lay.view(r, h) for r in qkv), bias, *(lay.view(r, h) for r in rest), lay=lay)
   return kernel
 
 
-def _key_tile_kernel(body: Callable, lay: Layout, has_bias: bool, want_db: bool):
-  """As `_query_tile_kernel`, with the bias as a column; bodies return their heads' bias-grad
-  columns, summed into the program's one key-bias gradient row."""
+def _key_tile_kernel(body: Callable, lay: Layout, has_bias: bool, has_pair: bool, want_db: bool):
+  """As `_query_tile_kernel`, with the key bias as a column and the pair bias transposed; bodies
+  return their heads' bias-grad columns, summed into the program's one key-bias gradient row."""
   def kernel(*refs):
-    q_ref, k_ref, v_ref, *rest = refs
-    b_ref = rest.pop(0) if has_bias else None
-    db_ref = rest.pop() if want_db else None
+    qkv, b_ref, p_ref, rest, db_ref = _split_refs(refs, has_bias, has_pair, want_db)
     b_col = None if b_ref is None else lay.to_col(b_ref[...])
     db = 0.0
     for h in range(lay.program_heads):
-      db = db + body(*(lay.view(r, h) for r in (q_ref, k_ref, v_ref)), b_col,
-                     *(lay.view(r, h) for r in rest), lay=lay)
+      bias = TileBias(col=b_col, pair=None if p_ref is None else lay.view(p_ref, h))
+      db = db + body(*(lay.view(r, h) for r in qkv), bias, *(lay.view(r, h) for r in rest),
+                     lay=lay)
     if db_ref is not None:
       db_ref[...] = lay.to_row(db)
   return kernel
@@ -377,7 +483,8 @@ class Problem:
   """[B, N, H, d] q, k, v in a backend's kernel layout, with the launches over them.
 
   Query-side arrays (a cotangent `tokens`, statistic `rows`) follow q, v and bias follow k, in
-  that order after q, k, v: a launch's refs are q, k, v, [bias], *tokens, *rows, *outputs.
+  that order after q, k, v: a launch's refs are q, k, v, [bias], [pair], *tokens, *rows,
+  *outputs.
   """
   lay: Layout
   q: Any
@@ -387,10 +494,16 @@ class Problem:
   want_db: bool     # a bias was given, so the backward returns its gradient
   nq: int
   nk: int
+  pb: Any = None    # [G, H, nq_pad, nk_pad] pair bias, or None
+  pbt: Any = None   # its transpose [G, H, nk_pad, nq_pad] (backward only)
 
   @property
   def b(self) -> int:
     return self.q.shape[0]
+
+  @property
+  def groups(self) -> int:
+    return 0 if self.pb is None else self.pb.shape[0]
 
   def queries(self, x):
     """A [B, Nq, H, d] query-side array in kernel layout."""
@@ -400,35 +513,56 @@ class Problem:
     """A [B, H, Nq] query statistic as rows."""
     return stat_rows(x, self.lay.t.nq_pad, fill)
 
-  def _inputs(self, tokens, rows):
+  def _inputs(self, tokens, rows, pair):
     bias = [self.kb] if self.kb is not None else []
-    return [self.q, self.k, self.v, *bias, *tokens, *rows]
+    return [self.q, self.k, self.v, *bias, *([pair] if pair is not None else []), *tokens, *rows]
 
-  def _vmem(self, q_tokens: int, k_tokens: int, n_q_arrays: int) -> int:
-    """q-sized blocks (q, query-side tokens, token outputs), k and v, one score tile."""
+  def _vmem(self, q_tokens: int, k_tokens: int, n_q_arrays: int, n_pair: int = 0) -> int:
+    """q-sized blocks (q, query-side tokens, token outputs), k and v, one score tile, and n_pair
+    pair-bias blocks (the bias, its gradient) of the program's tokens."""
     hb, d, dtype = self.lay.t.heads, self.lay.head_dim, self.q.dtype
+    pair = [((hb, q_tokens, k_tokens), jnp.float32)] * n_pair
     return vmem_bytes(*[((hb, q_tokens, d), dtype)] * n_q_arrays,
-                      *[((hb, k_tokens, d), dtype)] * 2, ((q_tokens, k_tokens), jnp.float32))
+                      *[((hb, k_tokens, d), dtype)] * 2, ((q_tokens, k_tokens), jnp.float32), *pair)
 
   def over_queries(self, body: Callable, *, name: str, tokens: Sequence = (), rows: Sequence = (),
-                   out_tokens: Sequence = (), out_rows: int = 0) -> list:
+                   out_tokens: Sequence = (), out_rows: int = 0, pair_grad: bool = False) -> list:
     """A program per query tile, keys looped inside; returns [B, Nq, H, d] outputs of dtypes
-    `out_tokens`, then `out_rows` float32 statistics [B, H, Nq]."""
-    lay, t = self.lay, self.lay.t
+    `out_tokens`, then `out_rows` float32 statistics [B, H, Nq], then with `pair_grad` the
+    pair-bias gradient [G, H, Nq, Nk] (the body accumulates dL/ds into its tiles)."""
+    lay, groups = self.lay, self.groups
+    pair_grad = pair_grad and self.pb is not None
+    per_example = pair_grad and not lay.tpu   # GPU: dS per example, summed by XLA
+    if pair_grad and lay.tpu:
+      lay = dataclasses.replace(lay, reduce=groups)
+    t = lay.t
     q_tile, q_rows = lay.tokens(t.block_q, True), lay.rows(t.block_q, True)
     in_specs = [q_tile, lay.tokens(t.nk_pad, False), lay.tokens(t.nk_pad, False)]
     in_specs += [lay.bias(t.nk_pad, False)] if self.kb is not None else []
+    in_specs += [lay.pair(t.block_q, t.nk_pad, groups)] if self.pb is not None else []
     in_specs += [q_tile] * len(tokens) + [q_rows] * len(rows)
     row_shape = jax.ShapeDtypeStruct((self.b, lay.num_heads, 1, t.nq_pad), jnp.float32)
     out_shape = [jax.ShapeDtypeStruct(self.q.shape, dt) for dt in out_tokens]
     out_shape += [row_shape] * out_rows
-    outs = lay.call(_query_tile_kernel(body, lay, self.kb is not None), tiles=t.num_q, b=self.b,
-                    in_specs=in_specs, out_specs=[q_tile] * len(out_tokens) + [q_rows] * out_rows,
-                    out_shape=out_shape,
-                    vmem=self._vmem(t.block_q, t.nk_pad, 1 + len(tokens) + len(out_tokens)),
-                    name=name)(*self._inputs(tokens, rows))
-    n = len(out_tokens)
-    return [lay.finish(o, self.nq) for o in outs[:n]] + [r[:, :, 0, :self.nq] for r in outs[n:]]
+    out_specs = [q_tile] * len(out_tokens) + [q_rows] * out_rows
+    if pair_grad:
+      out_shape.append(jax.ShapeDtypeStruct(
+          (self.b if per_example else groups, lay.num_heads, t.nq_pad, t.nk_pad), jnp.float32))
+      out_specs.append(lay.pair(t.block_q, t.nk_pad, groups, per_example))
+    kernel = _query_tile_kernel(body, lay, self.kb is not None, self.pb is not None, pair_grad)
+    vmem = self._vmem(t.block_q, t.nk_pad, 1 + len(tokens) + len(out_tokens),
+                      (self.pb is not None) + pair_grad)
+    outs = lay.call(kernel, tiles=t.num_q, b=self.b, in_specs=in_specs, out_specs=out_specs,
+                    out_shape=out_shape, vmem=vmem,
+                    name=name)(*self._inputs(tokens, rows, self.pb))
+    n, m = len(out_tokens), len(out_tokens) + out_rows
+    res = [lay.finish(o, self.nq) for o in outs[:n]] + [r[:, :, 0, :self.nq] for r in outs[n:m]]
+    if pair_grad:
+      dpair = outs[m]
+      if per_example:
+        dpair = dpair.reshape(self.b // groups, groups, *dpair.shape[1:]).sum(0)
+      res.append(dpair[:, :, :self.nq, :self.nk])
+    return res
 
   def over_keys(self, body: Callable, *, name: str, tokens: Sequence = (), rows: Sequence = ()):
     """A program per key tile, queries looped inside; returns dK, dV [B, Nk, H, d] and the key-bias
@@ -437,6 +571,7 @@ class Problem:
     q_all, k_tile = lay.tokens(t.nq_pad, False), lay.tokens(t.block_k, True)
     in_specs = [q_all, k_tile, k_tile]
     in_specs += [lay.bias(t.block_k, True)] if self.kb is not None else []
+    in_specs += [lay.pair(t.block_k, t.nq_pad, self.groups)] if self.pbt is not None else []
     in_specs += [q_all] * len(tokens) + [lay.rows(t.nq_pad, False)] * len(rows)
     out_specs = [k_tile, k_tile]
     out_shape = [jax.ShapeDtypeStruct(self.k.shape, self.k.dtype),
@@ -445,37 +580,41 @@ class Problem:
       out_specs.append(lay.group_rows(t.block_k))
       out_shape.append(jax.ShapeDtypeStruct((self.b, lay.num_heads // t.heads, 1, t.nk_pad),
                                             jnp.float32))
-    kernel = _key_tile_kernel(body, lay, self.kb is not None, self.want_db)
+    kernel = _key_tile_kernel(body, lay, self.kb is not None, self.pbt is not None, self.want_db)
+    vmem = self._vmem(t.nq_pad, t.block_k, 1 + len(tokens), int(self.pbt is not None))
     outs = lay.call(kernel, tiles=t.num_k, b=self.b, in_specs=in_specs, out_specs=out_specs,
-                    out_shape=out_shape, vmem=self._vmem(t.nq_pad, t.block_k, 1 + len(tokens)),
-                    name=name)(*self._inputs(tokens, rows))
+                    out_shape=out_shape, vmem=vmem,
+                    name=name)(*self._inputs(tokens, rows, self.pbt))
     dbias = outs[2].sum(axis=(1, 2))[:, :self.nk] if self.want_db else None
     return lay.finish(outs[0], self.nk), lay.finish(outs[1], self.nk), dbias
 
   def gradients(self, do, rows: Sequence, *, weights: Callable, score_grad: Callable, scale: float,
                 name: str):
-    """(dq, dk, dv, dbias) from the output cotangent `do` [B, Nq, H, d] and statistic `rows`
-    through `dq_head` and `dkdv_head` (launches `{name}_dq`, `{name}_dkdv`)."""
+    """(dq, dk, dv, dbias, dpair) from the output cotangent `do` [B, Nq, H, d] and statistic
+    `rows` through `dq_head` and `dkdv_head` (launches `{name}_dq`, `{name}_dkdv`)."""
     math = dict(scale=scale, weights=weights, score_grad=score_grad)
     query_side = dict(tokens=[self.queries(do)], rows=rows)
-    (dq,) = self.over_queries(functools.partial(dq_head, **math), out_tokens=[self.q.dtype],
-                              name=f"{name}_dq", **query_side)
+    dq, *dpair = self.over_queries(functools.partial(dq_head, **math), out_tokens=[self.q.dtype],
+                                   name=f"{name}_dq", pair_grad=True, **query_side)
     dk, dv, dbias = self.over_keys(functools.partial(dkdv_head, **math), name=f"{name}_dkdv",
                                    **query_side)
-    return dq, dk, dv, dbias
+    return dq, dk, dv, dbias, (dpair[0] if dpair else None)
 
 
-def problem(q, k, v, bias, *, kind: str, interpret: bool, blocks=None, heads=None,
+def problem(q, k, v, bias, pair=None, *, kind: str, interpret: bool, blocks=None, heads=None,
             backward=False) -> Problem:
-  """q [B, Nq, H, d], k, v [B, Nk, H, d] and a [B, Nk] bias (or None) laid out for `kind`."""
+  """q [B, Nq, H, d], k, v [B, Nk, H, d], a [B, Nk] bias (or None) and a [G, H, Nq, Nk] pair bias
+  (or None) laid out for `kind`."""
   b, nq, h, d = q.shape
   nk = k.shape[1]
   lay = layout(kind, nq, nk, h, d, interpret=interpret, blocks=blocks, heads=heads,
                backward=backward)
   t = lay.t
   kb = key_bias(bias, b, nk, t.nk_pad)
+  pb = None if pair is None else pad_pair(pair, t.nq_pad, t.nk_pad)
+  pbt = None if pb is None or not backward else pb.transpose(0, 1, 3, 2)
   return Problem(lay, lay.prepare(q, t.nq_pad), lay.prepare(k, t.nk_pad), lay.prepare(v, t.nk_pad),
-                 kb, bias is not None, nq, nk)
+                 kb, bias is not None, nq, nk, pb, pbt)
 
 
 # ---- the differentiable core ----
@@ -491,19 +630,19 @@ def run(backend: Optional[str], blocks, heads, scale: float, fn: Callable, *args
 
 
 def differentiable(forward: Callable, backward: Callable, *, saves_outputs: bool):
-  """core(backend, blocks, heads, scale, q, k, v, bias): a custom VJP over two launchers.
+  """core(backend, blocks, heads, scale, q, k, v, bias, pair): a custom VJP over two launchers.
 
-  forward(q, k, v, bias, **launch) -> outputs; backward(q, k, v, bias, [outputs,] cotangents,
-  **launch) -> (dq, dk, dv, dbias). `saves_outputs` keeps the forward's outputs as residuals
-  (softmax needs o and lse; sigmoid recomputes everything from q, k, v).
+  forward(q, k, v, bias, pair, **launch) -> outputs; backward(q, k, v, bias, pair, [outputs,]
+  cotangents, **launch) -> (dq, dk, dv, dbias, dpair). `saves_outputs` keeps the forward's
+  outputs as residuals (softmax needs o and lse; sigmoid recomputes everything from q, k, v).
   """
   @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-  def core(backend, blocks, heads, scale, q, k, v, bias):
-    return run(backend, blocks, heads, scale, forward, q, k, v, bias)
+  def core(backend, blocks, heads, scale, q, k, v, bias, pair):
+    return run(backend, blocks, heads, scale, forward, q, k, v, bias, pair)
 
-  def fwd(backend, blocks, heads, scale, q, k, v, bias):
-    out = run(backend, blocks, heads, scale, forward, q, k, v, bias)
-    return out, (q, k, v, bias) + ((out,) if saves_outputs else ())
+  def fwd(backend, blocks, heads, scale, q, k, v, bias, pair):
+    out = run(backend, blocks, heads, scale, forward, q, k, v, bias, pair)
+    return out, (q, k, v, bias, pair) + ((out,) if saves_outputs else ())
 
   def bwd(backend, blocks, heads, scale, res, cts):
     return run(backend, blocks, heads, scale, backward, *res, cts)

@@ -3,13 +3,19 @@
 y_i = sum_j softmax_j(q_i.k_j / sqrt(d) + bias_j) v_j, computed block by block over keys with the
 online softmax (running max m, running sum l, rescaled accumulator), never materialising the
 [N, N] weights. Inputs are [B, N, H, d] (float32 or bfloat16; statistics and accumulators are
-float32), any N (padded to the tile; padded keys are masked with -inf), head dims 32/64/128, and
-an optional additive per-key bias [B, 1, 1, N] (ToMe's log-size; -inf masks a key).
+float32), any N (padded to the tile; padded keys are masked with -inf), head dims 32/64/128, an
+optional additive per-key bias [B, 1, 1, N] (ToMe's log-size; -inf masks a key), and an optional
+full (pair) bias added to every score: s_ij = q_i.k_j / sqrt(d) + bias_j + pair_ij, of shape
+[H, Nq, Nk] (the same for every example: a relative position bias) or [G, H, Nq, Nk] with G
+dividing B, example b taking pair[b % G]. Window attention runs its windows as the batch
+(images x nW, windows fastest) with pair = relative position bias + Swin's shift mask, [nW, H,
+T, T]. The pair bias is read tile by tile with the scores, never expanded over the batch.
 
 Backward (FlashAttention-2 style): delta_i = sum_d dy_i o_i - dlse_i, then two kernels, one per
 query tile (dQ, looping over keys) and one per key tile (dK, dV and the key-bias gradient, looping
 over queries in transposed form so that the row statistics broadcast along lanes). The lse
-cotangent enters only through delta: d lse_i / d s_ij = p_ij.
+cotangent enters only through delta: d lse_i / d s_ij = p_ij. The pair-bias gradient is dS summed
+over the examples sharing the bias, accumulated by the dQ kernel (see `vitjax.kernels.common`).
 
 Backends, layouts, launches and the backward loops: see `vitjax.kernels.common`.
 """
@@ -25,7 +31,7 @@ from vitjax.kernels.common import NEG
 
 
 # ---------------------------------------------------------------- forward body (one head)
-def _fwd_head(q_ref, k_ref, v_ref, b_ref, o_ref, lse_ref, *, lay, scale):
+def _fwd_head(q_ref, k_ref, v_ref, bias, o_ref, lse_ref, *, lay, scale):
   q, t = q_ref[...], lay.t
   bq, bk = q.shape[0], t.block_k
 
@@ -33,7 +39,7 @@ def _fwd_head(q_ref, k_ref, v_ref, b_ref, o_ref, lse_ref, *, lay, scale):
     m, l, acc = carry
     start = pl.multiple_of(j * bk, bk)
     k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
-    s = common.logits(q, k, scale, None if b_ref is None else b_ref[:, pl.ds(start, bk)])
+    s = common.logits(q, k, scale, bias(start, bk))
     m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
     p = jnp.exp(s - m_new)
     alpha = jnp.exp(m - m_new)
@@ -61,18 +67,18 @@ def _score_grad(p, dp, lse, delta):
 
 
 # ---------------------------------------------------------------- launches
-def _forward(q, k, v, bias, *, scale, **launch):
-  p = common.problem(q, k, v, bias, **launch)
+def _forward(q, k, v, bias, pair, *, scale, **launch):
+  p = common.problem(q, k, v, bias, pair, **launch)
   # a tuple: the (dy, dlse) cotangents that callers pass back have that structure
   return tuple(p.over_queries(functools.partial(_fwd_head, scale=scale), out_tokens=[q.dtype],
                               out_rows=1, name="flash_fwd"))
 
 
-def _backward(q, k, v, bias, out, cts, *, scale, **launch):
+def _backward(q, k, v, bias, pair, out, cts, *, scale, **launch):
   (o, lse), (do, dlse) = out, cts
   # delta_i = dy_i . o_i - dlse_i (the lse cotangent folds in here), float32, [B, H, Nq]
   delta = jnp.einsum("bnhd,bnhd->bhn", do.astype(jnp.float32), o.astype(jnp.float32)) - dlse
-  p = common.problem(q, k, v, bias, backward=True, **launch)
+  p = common.problem(q, k, v, bias, pair, backward=True, **launch)
   # padded queries get lse = +inf, so their weights exp(s - lse) are exactly 0 whatever the bias
   return p.gradients(do, [p.rows(lse, jnp.inf), p.rows(delta)], weights=_weights,
                      score_grad=_score_grad, scale=scale, name="flash")
@@ -82,7 +88,7 @@ _flash = common.differentiable(_forward, _backward, saves_outputs=True)
 
 
 # ---------------------------------------------------------------- public API
-def attention_with_lse(q, k, v, bias=None, *, scale: Optional[float] = None,
+def attention_with_lse(q, k, v, bias=None, *, pair_bias=None, scale: Optional[float] = None,
                        backend: Optional[str] = None, blocks=None, heads=None):
   """Softmax attention and its log-sum-exp.
 
@@ -90,19 +96,23 @@ def attention_with_lse(q, k, v, bias=None, *, scale: Optional[float] = None,
     q: [B, Nq, H, d]; k, v: [B, Nk, H, d]; float32 or bfloat16; d in {32, 64, 128}.
     bias: None or an additive per-key logit bias broadcastable to [B, 1, 1, Nk] (float32; -inf
       masks a key). Differentiable.
+    pair_bias: None or an additive bias of every (query, key) pair, [H, Nq, Nk] for all examples
+      or [G, H, Nq, Nk] with G dividing B, example b adding pair_bias[b % G] (float32; -inf
+      masks a pair). Differentiable: its gradient sums dS over the examples that share it.
     scale: logit scale (static); None for 1/sqrt(d).
     backend: None (chosen when lowering: Mosaic on TPU, Triton on GPU, the TPU kernel interpreted
       elsewhere) or one of `common.BACKENDS`.
     blocks: (block_q, block_k) to override the tiling table; heads: heads per TPU program.
   Returns:
     y [B, Nq, H, d] in the input dtype and lse [B, H, Nq] float32, where
-    lse_i = log sum_j exp(scale q_i.k_j + bias_j).
+    lse_i = log sum_j exp(scale q_i.k_j + bias_j + pair_bias_ij).
   """
   bias = common.check_inputs(q, k, v, bias)
+  pair = common.check_pair_bias(pair_bias, q, k)
   backend = common.resolve(backend)
   blocks = None if blocks is None else tuple(blocks)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-  return _flash(backend, blocks, heads, scale, q, k, v, bias)
+  return _flash(backend, blocks, heads, scale, q, k, v, bias, pair)
 
 
 def attention(q, k, v, bias=None, **kwargs):

@@ -26,14 +26,14 @@ def _sigmoid(x):
 
 
 # ---------------------------------------------------------------- forward body (one head)
-def _fwd_head(q_ref, k_ref, v_ref, b_ref, o_ref, *, lay, scale):
+def _fwd_head(q_ref, k_ref, v_ref, bias, o_ref, *, lay, scale):
   q, t = q_ref[...], lay.t
   bk = t.block_k
 
   def step(j, acc):
     start = pl.multiple_of(j * bk, bk)
     k, v = k_ref[pl.ds(start, bk), :], v_ref[pl.ds(start, bk), :]
-    w = _sigmoid(common.logits(q, k, scale, None if b_ref is None else b_ref[:, pl.ds(start, bk)]))
+    w = _sigmoid(common.logits(q, k, scale, bias(start, bk)))
     return acc + jnp.dot(w.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
   acc = lax.fori_loop(0, t.num_k, step, jnp.zeros(q.shape, jnp.float32))
@@ -47,15 +47,15 @@ def _score_grad(w, dw):
 
 
 # ---------------------------------------------------------------- launches
-def _forward(q, k, v, bias, *, scale, **launch):
-  p = common.problem(q, k, v, bias, **launch)
+def _forward(q, k, v, bias, pair, *, scale, **launch):
+  p = common.problem(q, k, v, bias, pair, **launch)
   (o,) = p.over_queries(functools.partial(_fwd_head, scale=scale), out_tokens=[q.dtype],
                         name="flash_sigmoid_fwd")
   return o
 
 
-def _backward(q, k, v, bias, do, *, scale, **launch):
-  p = common.problem(q, k, v, bias, backward=True, **launch)
+def _backward(q, k, v, bias, pair, do, *, scale, **launch):
+  p = common.problem(q, k, v, bias, pair, backward=True, **launch)
   return p.gradients(do, [], weights=_sigmoid, score_grad=_score_grad, scale=scale,
                      name="flash_sigmoid")
 
@@ -102,4 +102,4 @@ def sigmoid_attention(q, k, v, bias=None, *, key_weight=None, offset=None,
   bias = jnp.broadcast_to(bias, (b, nk))
   blocks = None if blocks is None else tuple(blocks)
   scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-  return _flash_sigmoid(common.resolve(backend), blocks, heads, scale, q, k, v, bias)
+  return _flash_sigmoid(common.resolve(backend), blocks, heads, scale, q, k, v, bias, None)
