@@ -3,8 +3,9 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from vitjax.models import convit, davit, nat, pvt_v2, swin, twins
+from vitjax.models import convit, cvt, davit, nat, pvt_v2, swin, twins
 from vitjax.models.convit import ConViT
+from vitjax.models.cvt import CvT
 from vitjax.models.davit import DaViT
 from vitjax.models.nat import NAT, DiNAT
 from vitjax.models.pvt_v2 import PVTv2
@@ -13,12 +14,13 @@ from vitjax.models.twins import Twins
 from vitjax.models.vit import VARIANTS, ViT, decode_variant, resample_posemb, sincos2d  # noqa: F401
 
 MODELS = {"vit": ViT, "swin": Swin, "pvt_v2": PVTv2, "twins": Twins, "davit": DaViT, "nat": NAT,
-          "dinat": DiNAT, "convit": ConViT}
+          "dinat": DiNAT, "convit": ConViT, "cvt": CvT}
 # How each family reads its variant string ("S/16" for the ViT, "T" for Swin, "b0" for PVTv2).
 VARIANT_DECODERS = {"vit": decode_variant, "swin": swin.decode_variant,
                     "pvt_v2": pvt_v2.decode_variant, "twins": twins.decode_variant,
                     "davit": davit.decode_variant, "nat": nat.decode_variant,
-                    "dinat": nat.decode_dinat_variant, "convit": convit.decode_variant}
+                    "dinat": nat.decode_dinat_variant, "convit": convit.decode_variant,
+                    "cvt": cvt.decode_variant}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -32,7 +34,8 @@ def build(model_cfg, *, num_classes: int, image_size, dtype: str = "float32"):
   variant "svt_s" / "svt_b" / "svt_l" / "pcpvt_s" / "pcpvt_b" / "pcpvt_l" and Twins' fields;
   name "davit" with variant "T" / "S" / "B" and DaViT's fields; "nat" / "dinat" with variant
   "M" / "T" / "S" / "B" (DiNAT also "L") and NAT's fields; name "convit" with variant "Ti" / "S"
-  / "B" and ConViT's fields (local_up_to_layer, locality_strength, ...).
+  / "B" and ConViT's fields (local_up_to_layer, locality_strength, ...); name "cvt" with variant
+  "13" / "21" / "W24" and CvT's fields (embed_dims, depths, num_heads, drop_path, ...).
   """
   cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
   name = cfg.pop("name", "vit")
