@@ -1,5 +1,5 @@
 """Pretrained checkpoints in and out: timm (`.safetensors`, `.pth`; ViT, Swin, PVTv2, Twins,
-DaViT, ConViT) and big_vision (`.npz`; ViT).
+DaViT, ConViT; the official CvT's) and big_vision (`.npz`; ViT).
 
   model, params = checkpoints.load_model("deit_small.safetensors")   # architecture + weights
   model = checkpoints.build_model("deit_small.safetensors", tokens=dict(name="evit", keep_rate=0.7))
@@ -14,14 +14,14 @@ import os
 from typing import Iterable, Mapping, Optional
 
 from vitjax import models
-from vitjax.checkpoints import (big_vision, common, timm, timm_convit, timm_davit, timm_pvt_v2,
-                                timm_swin, timm_twins)
+from vitjax.checkpoints import (big_vision, common, official_cvt, timm, timm_convit, timm_davit,
+                                timm_pvt_v2, timm_swin, timm_twins)
 from vitjax.checkpoints.common import CheckpointMismatch, merge  # noqa: F401
 
 FORMATS = {"timm": timm, "big_vision": big_vision}
 # timm model families besides the ViT: modules with MODEL (our class) and matches(state dict);
 # the first that matches wins (Twins before DaViT, DaViT before PVTv2: their files share names)
-TIMM_FAMILIES = (timm_swin, timm_twins, timm_davit, timm_pvt_v2, timm_convit)
+TIMM_FAMILIES = (timm_swin, timm_twins, timm_davit, timm_pvt_v2, timm_convit, official_cvt)
 
 
 def detect_format(path: str) -> str:
@@ -70,7 +70,7 @@ def model_config(path: str, fmt: Optional[str] = None, **kw) -> dict:
 def build_model(path: str, *, fmt: Optional[str] = None, num_classes: Optional[int] = None,
                 image_size=None, dtype: str = "float32", num_heads: Optional[int] = None,
                 **overrides):
-  """A ViT, Swin, PVTv2, Twins, DaViT or ConViT with the architecture of the file (any field
+  """A ViT, Swin, PVTv2, Twins, DaViT, ConViT or CvT with the architecture of the file (any field
   overridable, e.g. tokens=...), without its weights: `load_model` gives both."""
   kw = {"num_heads": num_heads} if num_heads else {}
   cfg = model_config(path, fmt, **kw)
