@@ -192,8 +192,8 @@ def test_official_file_round_trip_with_statistics(tmp_path):
 TORCH_SCRIPT = """
     import collections.abc, importlib.util, types
     from functools import partial
-    arch, official_dir, size, out = json.loads(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), \\
-        sys.argv[4]
+    arch, official_dir, out = json.loads(sys.argv[1]), sys.argv[2], sys.argv[4]
+    size = json.loads(sys.argv[3])
     # what cls_cvt.py imports from outside PyTorch and timm: torch._six (PyTorch 1), its package's
     # registry, scipy (for position embeddings only)
     six = types.ModuleType("torch._six")
