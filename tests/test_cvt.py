@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import timm_reference
 
+import vitjax
 from vitjax import checkpoints, models
 from vitjax.checkpoints import common, official_cvt
 from vitjax.tokens import macs as macs_lib
@@ -180,6 +181,12 @@ def test_official_file_round_trip_with_statistics(tmp_path):
   for k, v in common.flatten(common.to_numpy(variables)).items():
     np.testing.assert_array_equal(common.flatten(loaded)[k], v, err_msg=k)
   assert set(common.flatten(params_only)) == set(common.flatten(variables["params"]))
+  # vitjax.load: what apply takes, statistics included
+  _, run_vars, _ = vitjax.load(path, image_size=SIZE, num_heads=ARCH["num_heads"])
+  assert set(run_vars) == {"params", "batch_stats"}
+  np.testing.assert_array_equal(
+      run_vars["batch_stats"]["stage_1"]["block_0"]["attn"]["conv_proj_k"]["bn"]["var"],
+      variables["batch_stats"]["stage_1"]["block_0"]["attn"]["conv_proj_k"]["bn"]["var"])
   sd.pop("stage1.blocks.0.attn.conv_proj_q.bn.running_var")
   with pytest.raises(checkpoints.CheckpointMismatch, match="missing keys"):
     official_cvt.batch_stats_from_official(sd, model)

@@ -91,6 +91,16 @@ def load(path: str, model, *, fmt: Optional[str] = None, skip: Iterable[str] = (
   return _module(fmt, path, model).load(path, model, skip=skip, **kw)
 
 
+def load_variables(path: str, model, *, fmt: Optional[str] = None,
+                   skip: Iterable[str] = ()) -> dict:
+  """What `model.apply` takes from a file: {"params"}, plus {"batch_stats"} for a family whose
+  files carry BatchNorm running statistics (its module's `load_variables`)."""
+  mod = _module(fmt, path, model)
+  if hasattr(mod, "load_variables"):
+    return mod.load_variables(path, model, skip=skip)
+  return {"params": mod.load(path, model, skip=skip)}
+
+
 def load_into(path: str, model, init_params: Mapping, *, fmt: Optional[str] = None,
               skip: Iterable[str] = ()) -> dict:
   """The file's parameters over `init_params` (those in `skip` keep their initial values)."""
