@@ -657,6 +657,9 @@ def test_cvt_conv_proj_special_cases():
   keys = inter["intermediates"]["proj_k"]["__call__"][0]
   assert keys.shape == (2, npre + 3 * 4, D)
   assert inter["intermediates"]["proj_q"]["__call__"][0].shape == x.shape
+  # the fused softmax path (impl="xla") computes the same
+  close(jitted(build("cvt_conv_proj", "xla"))(v, x, ctx)[0], jitted(strided)(v, x, ctx)[0],
+        atol=2e-5)
 
 
 def test_cvt_conv_proj_errors_are_one_line():

@@ -10,7 +10,8 @@ tokens ([CLS]: CvT's last stage) are put in front unconvolved; then separate Lin
 1 + ceil(h / s) ceil(w / s) keys, and the output projection `proj`:
   y = proj(concat_h softmax(q_h k_h^T * D^-1/2) v_h).
 The scale is the official one: the full width D (`dim_out ** -0.5`), not the head width d.
-Defaults: kernel 3, stride_kv 2 (every CvT model).
+Defaults: kernel 3, stride_kv 2 (every CvT model). impl: the softmax core's paths (q carries
+H^-1/2, so that the core's d^-1/2 makes the official D^-1/2).
 
 BatchNorm: PyTorch's momentum 0.1 (flax's 0.9) and epsilon 1e-5; the running statistics live in
 the `batch_stats` collection; training (deterministic=False) normalises with the batch statistics
