@@ -26,7 +26,6 @@ unbiased batch variance, flax with the biased one (n / (n - 1) apart; the same i
 import math
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from vitjax.attention import registry

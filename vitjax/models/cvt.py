@@ -192,10 +192,9 @@ class CvT(nn.Module, WithoutTokenReduction):
       if width % heads:
         raise ValueError(f"stage {s} has width {width}, not divisible by its num_heads {heads}; "
                          "use heads dividing embed_dims[s]")
-    entry, _ = attn_lib.registry.check(self.attention_spec(), self.impl)
+    attn_lib.registry.check(self.attention_spec(), self.impl)
     for s in range(n):
       self.stage(s).check()
-    del entry
 
   # ----- forward -----
   @nn.compact
