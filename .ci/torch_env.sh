@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the PyTorch + timm venv that the timm parity tests (tests/test_checkpoints.py) run in.
+# Builds the PyTorch + timm venv that the timm parity tests (tests/test_checkpoints.py) run in
+# (einops for the official CvT code, tests/test_cvt.py).
 # Usage: .ci/torch_env.sh [VENV_DIR]   (default /tmp/venv-torch; reused when already built)
 # Then:  VITJAX_TORCH_PYTHON=VENV_DIR/bin/python python -m pytest tests/test_checkpoints.py
 # A separate venv: torch is never a run-time dependency of vitjax (safetensors import needs none).
@@ -10,7 +11,7 @@ PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 start=$(date +%s)
 # torchvision 0.28.0 is a CUDA build: `import timm` fails on its missing torchvision::nms op unless
 # the caller defines stand-ins first (the parity test's subprocess does, see tests/test_checkpoints.py).
-CHECK='import sys, torch, safetensors, numpy
+CHECK='import sys, torch, safetensors, numpy, einops
 try:
     import timm
 except RuntimeError:
@@ -27,7 +28,8 @@ if "$VENV/bin/python" -c "$CHECK" 2>/dev/null; then
 else
   echo "== building $VENV"
   "$PYTHON" -m venv "$VENV"
-  "$VENV/bin/python" -m pip install -q torch==2.13.0 torchvision==0.28.0 timm safetensors numpy
+  "$VENV/bin/python" -m pip install -q torch==2.13.0 torchvision==0.28.0 timm safetensors numpy \
+    einops
   "$VENV/bin/python" -c "$CHECK"
 fi
 echo "== ready in $(( $(date +%s) - start )) s: export VITJAX_TORCH_PYTHON=$VENV/bin/python"

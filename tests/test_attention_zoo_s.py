@@ -650,6 +650,139 @@ def test_gcvit_global_errors_are_one_line():
         jax.random.key(0), x, ctx.replace(global_query=jnp.zeros((2, 36, D))))
 
 
+# ----------------------------------------------------------------------------- CvT
+def naive_dwconv(img, kernel, stride):
+  """Depthwise k x k convolution (padding k // 2, no bias) by shifted sums, then the stride:
+  img [B, h, w, C], kernel [k, k, 1, C] -> [B, ceil(h/s), ceil(w/s), C]."""
+  k, (h, w) = kernel.shape[0], img.shape[1:3]
+  pad = k // 2
+  padded = jnp.pad(img, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  out = sum(padded[:, i:i + h, j:j + w] * kernel[i, j, 0] for i in range(k) for j in range(k))
+  return out[:, ::stride, ::stride]
+
+
+def naive_cvt(p, stats, x, grid, npre, stride, train=False):
+  """CvT's convolutional projection from its definition: per q, k, v a depthwise conv, BatchNorm
+  (y - mean) / sqrt(var + 1e-5) * scale + bias with the running statistics, or in training the
+  batch's (biased variance), flattened after the unconvolved prefix, a Linear; softmax with the
+  full width's scale D^-1/2. Returns (y, the batch statistics used in training)."""
+  b, n, width = x.shape
+  img = x[:, npre:].reshape(b, *grid, width)
+  proj, used = {}, {}
+  for kind, s in (("q", 1), ("k", stride), ("v", stride)):
+    y = naive_dwconv(img, p[f"conv_proj_{kind}"]["conv"]["kernel"], s)
+    bn, st = p[f"conv_proj_{kind}"]["bn"], stats[f"conv_proj_{kind}"]["bn"]
+    mean, var = st["mean"], st["var"]
+    if train:
+      mean, var = y.mean(axis=(0, 1, 2)), y.var(axis=(0, 1, 2))
+      used[kind] = (mean, var)
+    y = (y - mean) / jnp.sqrt(var + 1e-5) * bn["scale"] + bn["bias"]
+    t = jnp.concatenate([x[:, :npre], y.reshape(b, -1, width)], axis=1)
+    proj[kind] = heads(dense(p[f"proj_{kind}"], t))
+  s = jnp.einsum("bnhd,bmhd->bhnm", proj["q"], proj["k"]) / math.sqrt(width)
+  y = jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, axis=-1), proj["v"]).reshape(x.shape)
+  return dense(p["proj"], y), used
+
+
+# (grid, prefix tokens, stride_kv): K/V counts 1 + 2 * 3, 4 * 4, 2 + 3 * 3
+CVT_CASES = [((3, 5), 1, 2), ((8, 8), 0, 2), ((3, 3), 2, 1)]
+
+
+@pytest.mark.parametrize("case", range(len(CVT_CASES)))
+def test_cvt_conv_proj_matches_its_definition(case):
+  """Evaluation (random running statistics) and training (batch statistics, running ones
+  updated with momentum 0.1), forward and gradients against the naive formula."""
+  grid, npre, stride = CVT_CASES[case]
+  x = tokens(grid, npre)
+  ctx = AttnContext(grid=grid, num_prefix=npre)
+  m = build("cvt_conv_proj", stride_kv=stride)
+  r = jax.random.normal(jax.random.key(7), x.shape)
+
+  @jax.jit
+  def run(x):
+    v = perturbed(m.init(jax.random.key(1), x, ctx))
+    p, stats = v["params"], v["batch_stats"]
+    stats = jax.tree.map(jnp.abs, stats)  # variances stay positive
+    out = {}
+    for train in (False, True):
+      def fast(p_, x_):
+        y, new = m.apply({"params": p_, "batch_stats": stats}, x_, ctx, deterministic=not train,
+                         mutable=["batch_stats"])
+        return y[0], new["batch_stats"]
+      ref = lambda p_, x_: naive_cvt(p_, stats, x_, grid, npre, stride, train)  # noqa: E731
+      (yf, new), (yr, used) = fast(p, x), ref(p, x)
+      grads = [jax.grad(lambda p_, x_: (f(p_, x_)[0] * r).sum(), argnums=(0, 1))(p, x)
+               for f in (fast, ref)]
+      out[train] = (yf, yr, grads, new, used)
+    return stats, out
+
+  stats, out = run(x)
+  for train, (yf, yr, grads, new, used) in out.items():
+    close(yf, yr, atol=2e-5)
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+      scale = float(jnp.abs(b).max())
+      if scale < 1e-4:  # gradient 0 up to rounding: a softmax ignores a shift shared by all
+        assert float(jnp.abs(a).max()) < 1e-4  # keys (proj_k's bias; the k BatchNorm's bias
+        continue                                # without prefix tokens)
+      close(a, b, atol=1e-5 * scale + 1e-6, rtol=1e-4)
+    for kind in "qkv":
+      bn, old = new[f"conv_proj_{kind}"]["bn"], stats[f"conv_proj_{kind}"]["bn"]
+      if train:
+        close(bn["mean"], 0.9 * old["mean"] + 0.1 * used[kind][0], atol=1e-6)
+        close(bn["var"], 0.9 * old["var"] + 0.1 * used[kind][1], atol=1e-5)
+      else:
+        close(bn["mean"], old["mean"], atol=0)
+
+
+def test_cvt_conv_proj_special_cases():
+  """An identity conv (centre tap 1) with an identity BatchNorm and stride 1 is multi-head
+  attention with the official scale D^-1/2: mhsa whose query weights carry H^-1/2; K/V count
+  ceil(h/2) ceil(w/2) (+ prefix) with the default stride 2."""
+  grid, npre = (5, 7), 1
+  x = tokens(grid, npre)
+  ctx = AttnContext(grid=grid, num_prefix=npre)
+  m = build("cvt_conv_proj", stride_kv=1)
+  v = perturbed(init(m, x, ctx))
+  p, stats = dict(v["params"]), dict(v["batch_stats"])
+  centre = jnp.zeros((3, 3, 1, D)).at[1, 1].set(1.0)
+  for kind in "qkv":
+    p[f"conv_proj_{kind}"] = {"conv": {"kernel": centre},
+                              "bn": {"scale": jnp.ones(D), "bias": jnp.zeros(D)}}
+    stats[f"conv_proj_{kind}"] = {"bn": {"mean": jnp.zeros(D), "var": jnp.full(D, 1 - 1e-5)}}
+  y = jitted(m)({"params": p, "batch_stats": stats}, x, ctx)[0]
+  mhsa = attn_lib.build("mhsa", num_heads=H, dtype=jnp.float32)
+  wq = p["proj_q"]["kernel"] * H ** -0.5
+  qkv = {"kernel": jnp.concatenate([wq, p["proj_k"]["kernel"], p["proj_v"]["kernel"]], -1),
+         "bias": jnp.concatenate([p["proj_q"]["bias"] * H ** -0.5, p["proj_k"]["bias"],
+                                  p["proj_v"]["bias"]])}
+  close(y, jitted(mhsa)({"params": {"qkv": qkv, "proj": p["proj"]}}, x)[0], atol=2e-5)
+  strided = build("cvt_conv_proj")
+  _, inter = strided.apply(v, x, ctx, capture_intermediates=True, mutable=["intermediates"])
+  keys = inter["intermediates"]["proj_k"]["__call__"][0]
+  assert keys.shape == (2, npre + 3 * 4, D)
+  assert inter["intermediates"]["proj_q"]["__call__"][0].shape == x.shape
+  # the fused softmax path (impl="xla") computes the same
+  close(jitted(build("cvt_conv_proj", "xla"))(v, x, ctx)[0], jitted(strided)(v, x, ctx)[0],
+        atol=2e-5)
+
+
+def test_cvt_conv_proj_errors_are_one_line():
+  x = tokens((4, 4), 1)
+  ctx = AttnContext(grid=(4, 4), num_prefix=1)
+  for opts, match in [(dict(kernel_size=2), "kernel_size=2, stride_kv=2; the kernel is an odd"),
+                      (dict(stride_kv=0), "stride_kv=0")]:
+    with pytest.raises(ValueError, match=match) as err:
+      init(build("cvt_conv_proj", **opts), x, ctx)
+    assert str(err.value).startswith("error: ") and "\n" not in str(err.value)
+  with pytest.raises(ValueError, match="^error: cvt_conv_proj takes no key bias or mask"):
+    init(build("cvt_conv_proj"), x, AttnContext(grid=(4, 4), valid=jnp.ones((2, 17), bool)))
+  with pytest.raises(ValueError, match="^error: cvt_conv_proj has no qk_norm"):
+    init(attn_lib.build("cvt_conv_proj", num_heads=H, dtype=jnp.float32, qk_norm=True), x, ctx)
+  with pytest.raises(ValueError, match="^error: cvt_conv_proj needs the patch grid"):
+    init(build("cvt_conv_proj"), x, AttnContext())
+  assert attn_lib.get("cvt_conv_proj").caps.cls_probs == "none"
+
+
 REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_reference_case,
                    "twins_lsa": test_windows_without_bias_match_masked_global_attention,
                    "davit_window": test_windows_without_bias_match_masked_global_attention,
@@ -661,3 +794,4 @@ REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_ref
                    "maxvit_grid": test_maxvit_matches_masked_global_attention,
                    "mvit_pool": test_mvit_pool_matches_its_definition,
                    "gcvit_global": gcvit_reference_case}
+                   "cvt_conv_proj": test_cvt_conv_proj_matches_its_definition}

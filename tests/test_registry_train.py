@@ -62,10 +62,11 @@ def test_every_reducer_trains(name, batches, data_dir):
   assert_learns(train_losses(overrides, batches, data_dir))
 
 
-@pytest.mark.parametrize("name", ["routing", "dgqa"])
+@pytest.mark.parametrize("name", ["routing", "dgqa", "cvt_conv_proj"])
 def test_running_statistics_live_in_the_train_state(name, batches, data_dir):
-  """Routing's k-means centroids and dgqa's key-norm EMA are updated by the train step and read
-  by evaluation (a params-only apply would fall back to their initial values)."""
+  """Routing's k-means centroids, dgqa's key-norm EMA and CvT's BatchNorm statistics are updated
+  by the train step and read by evaluation (a params-only apply would fall back to their initial
+  values, or fail)."""
   config = default_config.get_config("smoke=True")
   config.data.data_dir = data_dir
   config.model.update(dict(attention=dict(name=name)))

@@ -6,7 +6,8 @@
   logits, out = model.apply(variables, images, train=False)
 
 `variables` is what `model.apply` takes: {"params": ...}, plus {"batch_stats": ...} for a run
-whose attention keeps running statistics (dgqa's key norms, routing's centroids). Arrays are
+whose attention keeps running statistics (dgqa's key norms, routing's centroids) or a file that
+carries BatchNorm statistics (CvT's). Arrays are
 numpy; jit puts them on the devices. A training checkpoint holds weights but not the
 architecture, so a workdir needs the run's config: the `config` argument, or the workdir's
 config.json where one was written (`save_config`).
@@ -62,9 +63,8 @@ def _load_file(path: str, config, step, ema: bool, overrides: dict):
   if config is not None or step is not None or ema:
     raise LoadError(f"{path} is a timm/big_vision file: config=, step= and ema= are for training "
                     "workdirs; pass model fields instead (num_classes=, tokens=, ...)")
-  model, params = checkpoints.load_model(path, **overrides)
-  stats = checkpoints.load_batch_stats(path, model)  # running statistics (BatchNorm), if any
-  return model, {"params": params, **({"batch_stats": stats} if stats else {})}, None
+  model = checkpoints.build_model(path, **overrides)
+  return model, checkpoints.load_variables(path, model), None
 
 
 # ------------------------------------------------------------------ workdirs

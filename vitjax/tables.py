@@ -132,6 +132,14 @@ def gcvit_table() -> str:
   return "\n".join(rows)
 
 
+def cvt_table() -> str:
+  rows = ["| variant | embed dims | depths | heads | [CLS] | K/V stride |", "|---|---|---|---|---|---|"]
+  for name, (dims, depths, heads) in models.cvt.VARIANTS.items():
+    rows.append(f"| `{name}` | {', '.join(map(str, dims))} | {', '.join(map(str, depths))} | "
+                f"{', '.join(map(str, heads))} | last stage | {models.CvT.stride_kv} |")
+  return "\n".join(rows)
+
+
 def quant_table() -> str:
   """One row per registered quantizer, in registration order, from its registry entry and its
   class's contract (needs_softmax, uniform_dense_inputs, options)."""
@@ -148,8 +156,8 @@ def quant_table() -> str:
 
 TABLES = {"attention": attention_table, "tokens": tokens_table, "backbones": backbone_table,
           "swin": swin_table, "davit": davit_table, "mvitv2": mvitv2_table,
-          "maxvit": maxvit_table, "gcvit": gcvit_table, "quant": quant_table,
-          "compatibility": compatibility_table}
+          "maxvit": maxvit_table, "gcvit": gcvit_table, "cvt": cvt_table,
+          "quant": quant_table, "compatibility": compatibility_table}
 
 
 def update(path: str):

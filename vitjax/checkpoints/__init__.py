@@ -1,5 +1,5 @@
 """Pretrained checkpoints in and out: timm (`.safetensors`, `.pth`; ViT, Swin, PVTv2, Twins,
-DaViT, ConViT, MViTv2, MaxViT, GC ViT) and big_vision (`.npz`; ViT).
+DaViT, ConViT, MViTv2, MaxViT, GC ViT; the official CvT's) and big_vision (`.npz`; ViT).
 
   model, params = checkpoints.load_model("deit_small.safetensors")   # architecture + weights
   model = checkpoints.build_model("deit_small.safetensors", tokens=dict(name="evit", keep_rate=0.7))
@@ -14,8 +14,9 @@ import os
 from typing import Iterable, Mapping, Optional
 
 from vitjax import models
-from vitjax.checkpoints import (big_vision, common, timm, timm_convit, timm_davit, timm_gcvit,
-                                timm_maxvit, timm_mvitv2, timm_pvt_v2, timm_swin, timm_twins)
+from vitjax.checkpoints import (big_vision, common, official_cvt, timm, timm_convit, timm_davit,
+                                timm_gcvit, timm_maxvit, timm_mvitv2, timm_pvt_v2, timm_swin,
+                                timm_twins)
 from vitjax.checkpoints.common import CheckpointMismatch, merge  # noqa: F401
 
 FORMATS = {"timm": timm, "big_vision": big_vision}
@@ -23,7 +24,7 @@ FORMATS = {"timm": timm, "big_vision": big_vision}
 # the first that matches wins (Twins before DaViT; DaViT, MViTv2, MaxViT and GC ViT before
 # PVTv2: their files share names)
 TIMM_FAMILIES = (timm_swin, timm_twins, timm_davit, timm_mvitv2, timm_maxvit, timm_gcvit,
-                 timm_pvt_v2, timm_convit)
+                 timm_pvt_v2, timm_convit, official_cvt)
 
 
 def detect_format(path: str) -> str:
@@ -72,8 +73,8 @@ def model_config(path: str, fmt: Optional[str] = None, **kw) -> dict:
 def build_model(path: str, *, fmt: Optional[str] = None, num_classes: Optional[int] = None,
                 image_size=None, dtype: str = "float32", num_heads: Optional[int] = None,
                 **overrides):
-  """A ViT, Swin, PVTv2, Twins, DaViT, ConViT, MViTv2, MaxViT or GC ViT with the architecture of
-  the file (any field overridable, e.g. tokens=...), without its weights: `load_model` gives
+  """A ViT, Swin, PVTv2, Twins, DaViT, ConViT, MViTv2, MaxViT, GC ViT or CvT with the architecture
+  of the file (any field overridable, e.g. tokens=...), without its weights: `load_model` gives
   both."""
   kw = {"num_heads": num_heads} if num_heads else {}
   cfg = model_config(path, fmt, **kw)
@@ -94,11 +95,20 @@ def load(path: str, model, *, fmt: Optional[str] = None, skip: Iterable[str] = (
   return _module(fmt, path, model).load(path, model, skip=skip, **kw)
 
 
-def load_batch_stats(path: str, model, *, fmt: Optional[str] = None) -> dict:
-  """The running statistics a file holds for `model` (MaxViT's BatchNorm), {} for a family that
-  keeps none."""
+def load_variables(path: str, model, *, fmt: Optional[str] = None,
+                   skip: Iterable[str] = ()) -> dict:
+  """What `model.apply` takes from a file: {"params"}, plus {"batch_stats"} for a family whose
+  files carry BatchNorm running statistics (its module's `load_variables`)."""
   mod = _module(fmt, path, model)
-  return mod.load_batch_stats(path, model) if hasattr(mod, "load_batch_stats") else {}
+  if hasattr(mod, "load_variables"):
+    return mod.load_variables(path, model, skip=skip)
+  return {"params": mod.load(path, model, skip=skip)}
+
+
+def load_batch_stats(path: str, model, *, fmt: Optional[str] = None) -> dict:
+  """The running statistics a file holds for `model` (BatchNorm: MaxViT, CvT), {} for a family
+  that keeps none."""
+  return load_variables(path, model, fmt=fmt).get("batch_stats", {})
 
 
 def load_into(path: str, model, init_params: Mapping, *, fmt: Optional[str] = None,

@@ -3,8 +3,9 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from vitjax.models import convit, davit, gcvit, maxvit, mvitv2, nat, pvt_v2, swin, twins
+from vitjax.models import convit, cvt, davit, gcvit, maxvit, mvitv2, nat, pvt_v2, swin, twins
 from vitjax.models.convit import ConViT
+from vitjax.models.cvt import CvT
 from vitjax.models.davit import DaViT
 from vitjax.models.gcvit import GCViT
 from vitjax.models.maxvit import MaxViT
@@ -17,31 +18,30 @@ from vitjax.models.vit import VARIANTS, ViT, decode_variant, resample_posemb, si
 
 MODELS = {"vit": ViT, "swin": Swin, "pvt_v2": PVTv2, "twins": Twins, "davit": DaViT, "nat": NAT,
           "dinat": DiNAT, "convit": ConViT, "mvitv2": MViTv2, "maxvit": MaxViT,
-          "gcvit": GCViT}
+          "gcvit": GCViT, "cvt": CvT}
 # How each family reads its variant string ("S/16" for the ViT, "T" for Swin, "b0" for PVTv2).
 VARIANT_DECODERS = {"vit": decode_variant, "swin": swin.decode_variant,
                     "pvt_v2": pvt_v2.decode_variant, "twins": twins.decode_variant,
                     "davit": davit.decode_variant, "nat": nat.decode_variant,
                     "dinat": nat.decode_dinat_variant, "convit": convit.decode_variant,
                     "mvitv2": mvitv2.decode_variant, "maxvit": maxvit.decode_variant,
-                    "gcvit": gcvit.decode_variant}
+                    "gcvit": gcvit.decode_variant, "cvt": cvt.decode_variant}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def build(model_cfg, *, num_classes: int, image_size, dtype: str = "float32"):
   """Builds a backbone from `config.model`; validates it now rather than at trace time.
 
-  model_cfg fields: name ("vit"), variant ("S/16"), and any ViT field as an override
-  (width, depth, mlp_dim, num_heads, patch_size, pool, attention, tokens, ...); name "swin"
-  with variant "T" / "S" / "B" / "L" and Swin's fields (embed_dim, depths, num_heads, ...); name
-  "pvt_v2" with variant "b0" / "b1" / "b2" / "b2_li" and PVTv2's fields; name "twins" with
-  variant "svt_s" / "svt_b" / "svt_l" / "pcpvt_s" / "pcpvt_b" / "pcpvt_l" and Twins' fields;
-  name "davit" with variant "T" / "S" / "B" and DaViT's fields; "nat" / "dinat" with variant
-  "M" / "T" / "S" / "B" (DiNAT also "L") and NAT's fields; name "convit" with variant "Ti" / "S"
-  / "B" and ConViT's fields (local_up_to_layer, locality_strength, ...); name "mvitv2" with
-  variant "T" / "S" / "B" and MViTv2's fields (embed_dims, depths, q_strides, kv_stride, ...); name
-  "maxvit" with variant "T" / "S" / "B" and MaxViT's fields (embed_dims, depths, window_size,
-  grid_size, ...); name "gcvit" with variant "XXT" / "XT" / "T" / "S" / "B" and GC ViT's fields.
+  model_cfg fields: name (a key of MODELS, default "vit"), variant, and any field of that
+  family's module as an override. Variants per name:
+    vit      "Ti/16", "S/16", ... (name/patch; width, depth, mlp_dim, num_heads, pool, attention,
+             tokens, ...)
+    swin     "T", "S", "B", "L"              pvt_v2   "b0", "b1", "b2", "b2_li"
+    twins    "svt_s", "svt_b", "svt_l", "pcpvt_s", "pcpvt_b", "pcpvt_l"
+    davit    "T", "S", "B"                   nat      "M", "T", "S", "B" (dinat also "L")
+    convit   "Ti", "S", "B"                  mvitv2   "T", "S", "B"
+    maxvit   "T", "S", "B"                   gcvit    "XXT", "XT", "T", "S", "B"
+    cvt      "13", "21", "W24"
   """
   cfg = dict(model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else model_cfg)
   name = cfg.pop("name", "vit")

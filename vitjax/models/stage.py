@@ -35,6 +35,9 @@ def drop_path(module: nn.Module, x, rate, deterministic: bool):
   return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
+ACTIVATIONS = ("gelu", "quick_gelu")
+
+
 class Mlp(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
@@ -42,6 +45,7 @@ class Mlp(nn.Module):
   dtype: Any = jnp.float32
   dwconv_grid: Optional[tuple] = None  # (h, w): PVTv2's depthwise 3x3 conv over the token grid
   dwconv_relu: bool = False  # a ReLU before that conv (PVTv2's linear-SRA models)
+  activation: str = "gelu"  # or "quick_gelu": x * sigmoid(1.702 x) (CvT's official models)
 
   @nn.compact
   def __call__(self, x, deterministic=True):
@@ -49,7 +53,13 @@ class Mlp(nn.Module):
     x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="fc1")(x)
     if self.dwconv_grid is not None:  # between fc1 and the activation, as PVTv2
       x = depthwise_conv3x3(nn.relu(x) if self.dwconv_relu else x, self.dwconv_grid, self.dtype)
-    x = nn.gelu(x, approximate=self.gelu_approximate)
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"unknown MLP activation {self.activation!r}; valid: "
+                       f"{', '.join(ACTIVATIONS)}")
+    if self.activation == "quick_gelu":
+      x = x * nn.sigmoid(1.702 * x)
+    else:
+      x = nn.gelu(x, approximate=self.gelu_approximate)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     x = nn.Dense(width, dtype=self.dtype, name="fc2")(x)
     return nn.Dropout(self.dropout)(x, deterministic=deterministic)
@@ -110,6 +120,7 @@ class Block(nn.Module):
   impl: str = "reference"
   gelu_approximate: bool = False
   norm_epsilon: float = 1e-6  # timm's ViT; its Swin keeps PyTorch's 1e-5
+  activation: str = "gelu"  # the MLP's (`Mlp.activation`)
   dtype: Any = jnp.float32
 
   def setup(self):
@@ -120,7 +131,8 @@ class Block(nn.Module):
                                impl=self.impl)
     self.norm2 = nn.LayerNorm(epsilon=self.norm_epsilon, dtype=self.dtype)
     self.mlp = Mlp(self.mlp_dim, self.dropout, self.gelu_approximate, self.dtype,
-                   dwconv_grid=self.mlp_grid, dwconv_relu=self.mlp_relu)
+                   dwconv_grid=self.mlp_grid, dwconv_relu=self.mlp_relu,
+                   activation=self.activation)
     if self.layerscale is not None:
       self.ls1, self.ls2 = LayerScale(self.layerscale), LayerScale(self.layerscale)
     if self.cpe_grid is not None:
