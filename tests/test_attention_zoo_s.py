@@ -895,6 +895,150 @@ def test_cvt_conv_proj_errors_are_one_line():
     init(build("cvt_conv_proj"), x, AttnContext())
   assert attn_lib.get("cvt_conv_proj").caps.cls_probs == "none"
 
+# ----------------------------------------------------------------------------- RMT MaSA
+def rmt_rotations(patches, d):
+  """[P, d, d] RMT's theta_shift written out as block-diagonal rotations: the channel pair
+  (2i, 2i + 1) of the patch with raster index l turned by l * 10000^(-i / (d/2 - 1))."""
+  half = d // 2
+  theta = 10000.0 ** -(np.arange(half) / max(half - 1, 1))
+  rot = np.zeros((patches, d, d))
+  for l in range(patches):
+    for i in range(half):
+      c, s = np.cos(l * theta[i]), np.sin(l * theta[i])
+      rot[l, 2 * i:2 * i + 2, 2 * i:2 * i + 2] = [[c, -s], [s, c]]
+  return jnp.asarray(rot, jnp.float32)
+
+
+def rmt_log_decay(grid, initial, span, axis=None):
+  """[H, P, P] log of the decay gamma_h^dist by index, gamma_h = 1 - 2^(-a - r h / H); dist the
+  Manhattan distance of the two patches (axis None), or |dx| (axis 1) / |dy| (axis 0) within a
+  row / column, -inf between patches of different rows / columns."""
+  r, c = coords(grid)
+  p = len(r)
+  out = np.zeros((H, p, p))
+  for h in range(H):
+    log_gamma = np.log(1 - 2.0 ** (-initial - span * h / H))
+    for n in range(p):
+      for m in range(p):
+        if axis is None:
+          out[h, n, m] = (abs(r[n] - r[m]) + abs(c[n] - c[m])) * log_gamma
+        elif axis == 1:
+          out[h, n, m] = abs(c[n] - c[m]) * log_gamma if r[n] == r[m] else -np.inf
+        else:
+          out[h, n, m] = abs(r[n] - r[m]) * log_gamma if c[n] == c[m] else -np.inf
+  return jnp.asarray(out, jnp.float32)
+
+
+def naive_rmt(p, x, grid, npre, form="full", initial=2.0, span=None, rotate=True):
+  """MaSA from its definition on the patches: q and k rotated by explicit matrices, a dense
+  softmax of q k^T / sqrt(d) + log decay (the full Manhattan mask; or two explicit per-axis
+  attentions over all patches, along the row first, then along the column on its result), plus
+  the 5 x 5 depthwise conv of the values with its bias; prefix rows plain softmax over all."""
+  span = {"full": 6.0, "decomposed": 4.0}[form] if span is None else span
+  b, n, width = x.shape
+  q, k, v = (heads(t) for t in jnp.split(dense(p["qkv"], x), 3, axis=-1))
+  d = width // H
+  qp, kp, vp = q[:, npre:], k[:, npre:], v[:, npre:]
+  if rotate:
+    rot = rmt_rotations(grid[0] * grid[1], d)
+    qp, kp = (jnp.einsum("lde,blhe->blhd", rot, t) for t in (qp, kp))
+
+  def softmax_attend(vals, log_decay):
+    s = jnp.einsum("bnhd,bmhd->bhnm", qp, kp) / math.sqrt(d) + log_decay
+    return jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, axis=-1), vals)
+
+  if form == "full":
+    y = softmax_attend(vp, rmt_log_decay(grid, initial, span))
+  else:
+    y = softmax_attend(vp, rmt_log_decay(grid, initial, span, axis=1))
+    y = softmax_attend(y, rmt_log_decay(grid, initial, span, axis=0))
+  lce = naive_dwconv(vp.reshape(b, *grid, width), p["lepe"]["kernel"], 1) + p["lepe"]["bias"]
+  y = y.reshape(b, -1, width) + lce.reshape(b, -1, width)
+  s = jnp.einsum("bnhd,bmhd->bhnm", q[:, :npre], k) / math.sqrt(d)
+  pre = jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, axis=-1), v).reshape(b, npre, width)
+  return dense(p["proj"], jnp.concatenate([pre, y], axis=1))
+
+
+# (grid, prefix tokens, options)
+RMT_CASES = [((3, 5), 1, dict(form="full")),
+             ((4, 3), 2, dict(form="decomposed", initial_value=1.0, heads_range=3.0))]
+
+
+@pytest.mark.parametrize("case", range(len(RMT_CASES)))
+def test_rmt_decay_matches_its_definition(case):
+  grid, npre, opts = RMT_CASES[case]
+  x = tokens(grid, npre)
+  ctx = AttnContext(grid=grid, num_prefix=npre, cls_index=0 if npre else None)
+  m = build("rmt_decay", **opts)
+  kw = dict(form=opts["form"], initial=opts.get("initial_value", 2.0),
+            span=opts.get("heads_range"))
+  p = compare(m, lambda p_, x_: naive_rmt(p_, x_, grid, npre, **kw), x, ctx)
+  assert set(p["params"]) == {"qkv", "proj", "lepe"}
+  assert p["params"]["lepe"]["kernel"].shape == (5, 5, 1, D)  # the official 5 x 5 LCE
+
+
+def test_rmt_decay_special_cases():
+  """The official per-head decay; symmetric masks with a zero log diagonal; gamma = 1 without
+  rotation (full form) is mhsa plus the LCE; on a 1 x w grid the decomposed form is the full one;
+  the [CLS] row is plain softmax over every token."""
+  from vitjax.attention import rmt_decay  # pylint: disable=import-outside-toplevel
+  gamma = np.exp(rmt_decay.log_decay(4, 2.0, 4.0))
+  close(gamma, [1 - 2.0 ** -2, 1 - 2.0 ** -3, 1 - 2.0 ** -4, 1 - 2.0 ** -5], atol=1e-7)
+  close(np.exp(rmt_decay.log_decay(3, np.inf, 6.0)), 1.0, atol=0)
+  for mask in (rmt_decay.manhattan((3, 5)), rmt_decay.distance(6)):
+    close(mask, mask.T, atol=0)
+    close(np.diag(mask), 0.0, atol=0)
+  close(rmt_decay.log_decay(H, 2.0, 6.0)[:, None, None] * rmt_decay.manhattan((3, 5)),
+        rmt_log_decay((3, 5), 2.0, 6.0), atol=1e-6)
+
+  grid = (4, 4)
+  plain = build("rmt_decay", initial_value=float("inf"), rotate=False)
+  mhsa = attn_lib.build("mhsa", num_heads=H, dtype=jnp.float32)
+  for npre in (0, 1):  # patches do not see the prefix: all of y without one, its row with one
+    x = tokens(grid, npre)
+    ctx = AttnContext(grid=grid, num_prefix=npre, cls_index=0 if npre else None)
+    need = ("cls_probs",) if npre else ()
+    p = perturbed(init(plain, x, ctx))
+    y, aux = jitted(plain)(p, x, ctx, need=need)
+    pm = {"params": {"qkv": p["params"]["qkv"], "proj": p["params"]["proj"]}}
+    ym, auxm = jitted(mhsa)(pm, x, ctx, need=need)
+    if npre:
+      close(y[:, 0], ym[:, 0], atol=2e-5)
+      close(aux["cls_probs"], auxm["cls_probs"], atol=1e-6)
+      continue
+    v = dense(p["params"]["qkv"], x)[..., 2 * D:]
+    lce = naive_dwconv(v.reshape(2, *grid, D), p["params"]["lepe"]["kernel"], 1)
+    lce = (lce + p["params"]["lepe"]["bias"]).reshape(x.shape) @ p["params"]["proj"]["kernel"]
+    close(y, ym + lce, atol=2e-5)
+
+  grid = (1, 6)
+  x = tokens(grid, 1)
+  ctx = AttnContext(grid=grid, num_prefix=1)
+  full, chunk = build("rmt_decay", heads_range=4.0), build("rmt_decay", form="decomposed")
+  p = perturbed(init(full, x, ctx))
+  close(jitted(full)(p, x, ctx)[0], jitted(chunk)(p, x, ctx)[0], atol=2e-5)
+
+
+def test_rmt_decay_errors_are_one_line():
+  x = tokens((4, 4), 1)
+  ctx = AttnContext(grid=(4, 4), num_prefix=1)
+  for opts, match in [(dict(form="chunk"), "form 'chunk'; valid: full, decomposed"),
+                      (dict(initial_value=0.0), "needs a > 0"),
+                      (dict(heads_range=-1.0), "needs a > 0 and r >= 0")]:
+    with pytest.raises(ValueError, match=match) as err:
+      init(build("rmt_decay", **opts), x, ctx)
+    assert str(err.value).startswith("error: ") and "\n" not in str(err.value)
+  with pytest.raises(ValueError, match="^error: rmt_decay takes no key bias or mask"):
+    init(build("rmt_decay"), x, ctx.replace(valid=jnp.ones((2, 17), bool)))
+  with pytest.raises(ValueError, match="^error: rmt_decay has no qk_norm"):
+    init(attn_lib.build("rmt_decay", num_heads=H, dtype=jnp.float32, qk_norm=True), x, ctx)
+  with pytest.raises(ValueError, match="^error: rmt_decay rotates channel pairs"):
+    init(attn_lib.build("rmt_decay", num_heads=32, dtype=jnp.float32), x, ctx)
+  init(attn_lib.build(dict(name="rmt_decay", rotate=False), num_heads=32, dtype=jnp.float32), x,
+       ctx)
+  with pytest.raises(ValueError, match="^error: RMTDecay needs the patch grid"):
+    init(build("rmt_decay"), x, AttnContext())
+
 
 REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_reference_case,
                    "twins_lsa": test_windows_without_bias_match_masked_global_attention,
@@ -907,4 +1051,5 @@ REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_ref
                    "maxvit_grid": test_maxvit_matches_masked_global_attention,
                    "mvit_pool": test_mvit_pool_matches_its_definition,
                    "gcvit_global": gcvit_reference_case,
-                   "cvt_conv_proj": test_cvt_conv_proj_matches_its_definition}
+                   "cvt_conv_proj": test_cvt_conv_proj_matches_its_definition,
+                   "rmt_decay": test_rmt_decay_matches_its_definition}

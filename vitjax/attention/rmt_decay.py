@@ -18,6 +18,8 @@ rotated by the angle l theta_i, theta_i = 10000^(-i / (d/2 - 1)) (`torch.linspac
 The decomposed form reuses Q' and K' for both axes. LCE: a 5 x 5 depthwise conv (with bias, zero
 padding 2) of the values on the patch grid, `lepe`, added to the attention output before the
 output projection `proj`. The scale d^-1/2 is applied to k (a linear map: the same logits).
+Checked against the official modules on random weights (a 3 x 4 grid, both forms): max
+difference 1.4e-6.
 
 Defaults: `form="full"`, initial_value 2 and heads_range 6: RMT-T's (`RMT_T3`) stages 3 and 4,
 the full ones; RMT-T runs the decomposed form (`VisionRetentionChunk`) in stages 1 and 2, with
