@@ -956,7 +956,7 @@ def naive_biformer(p, x, grid, npre, n_win, routes, qk):
 BIFORMER_CASES = [
     ((4, 4), 1, dict(), 7, 4, D),                              # defaults: 4x4 padded to 7x7
     ((6, 6), 0, dict(n_win=3, topk=2, side_dwconv=3), 3, 2, D),     # no padding
-    ((5, 7), 2, dict(n_win=2, topk=3, qk_dim=16), 2, 3, 16),   # padded to 6x8, narrower q/k
+    ((5, 7), 2, dict(n_win=2, topk=3, qk_dim=16, side_dwconv=3), 2, 3, 16),  # padded to 6x8
 ]
 
 
@@ -1029,6 +1029,21 @@ def test_biformer_all_regions_is_global_attention_plus_lce():
   del q["lepe"]
   assert set(init(bare, x, ctx)["params"]) == {"qkv", "wo"}
   close(jitted(bare)({"params": q}, x, ctx)[0], y_plain, atol=1e-6)
+
+
+def test_biformer_bf16():
+  """bf16 activations: bf16 out, softmax and routing affinity in float32; every region routed to
+  every region (topk = n_win^2), so no near-tie can flip a route between the two precisions."""
+  grid = (4, 4)
+  x = tokens(grid, 1)
+  ctx = AttnContext(grid=grid, num_prefix=1)
+  m = build("biformer", n_win=2, topk=4)
+  p = init(m, x, ctx)
+  y0 = jitted(m)(p, x, ctx)[0]
+  mb = attn_lib.build(dict(name="biformer", n_win=2, topk=4), num_heads=H, dtype=jnp.bfloat16)
+  yb, aux = jitted(mb)(p, x.astype(jnp.bfloat16), ctx, need=("cls_probs",))
+  assert yb.dtype == jnp.bfloat16 and aux["cls_probs"].dtype == jnp.float32
+  close(np.asarray(yb, np.float32), y0, atol=0.1, rtol=0.1)
 
 
 def test_biformer_errors_are_one_line():

@@ -138,7 +138,7 @@ class BiLevelRoutingAttention(Attention):
                           preferred_element_type=jnp.float32)
     _, idx = jax.lax.top_k(jax.lax.stop_gradient(affinity), self.topk)   # [B, R, k]
     self.sow("intermediates", "routing", idx)
-    gather = jax.vmap(lambda a, i: a[i])                          # [R, T, C], [R, k] -> [R, k, T, C]
+    gather = jax.vmap(lambda a, i: a[i])      # per image: [R, T, C], [R, k] -> [R, k, T, C]
     heads = lambda a: a.reshape(b * self.n_win ** 2, -1, self.num_heads,  # noqa: E731
                                 a.shape[-1] // self.num_heads)
     qh, kh, vh = heads(qr), heads(gather(kr, idx)), heads(gather(vr, idx))
