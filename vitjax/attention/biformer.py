@@ -17,9 +17,11 @@ routing affinity's scale does not change its top-k. Routing is hard and not diff
 in every released model (param_routing, diff_routing and soft_routing False): no gradient reaches
 the routing, and the routing weights are not used.
 
-Defaults: n_win 7, topk 4 (the module's default; the released models take 1, 4, 16 in stages 1-3
-and plain attention with LCE in stage 4), side_dwconv 5, qk_dim = D (every released model),
-kv_downsample_mode "identity" (every released model; the other modes are not provided).
+Defaults: n_win 7, topk 4 (the module's default; the released models take 1, 4, 16 in stages 1-3),
+side_dwconv 5, qk_dim = D (every released model), kv_downsample_mode "identity" (every released
+model; the other modes are not provided). The released models' stage 4 (topk -2) is not this
+layer with topk = n_win^2 but models/_common.py's AttentionLePE: head-width scale, no qkv bias,
+and the conv applied to the layer input rather than to v.
 
 Grid sizes: the official module asserts that n_win divides the grid unless `auto_pad`, which
 zero-pads the layer input at the bottom and right to multiples of n_win before the projection;
@@ -31,9 +33,8 @@ one token each); where n_win divides the grid (every stage of the released model
 (auto_pad False) computes. auto_pad=False refuses such grids, as the official assert.
 
 Deviations (own design, also in the README):
-- Static shapes: topk is a Python int, the routed indices come from jax.lax.top_k (ties broken
-  towards the lower region index; torch.topk does not specify an order, which the union of
-  routed regions does not depend on).
+- Static shapes: topk is a Python int, the routed indices come from jax.lax.top_k (a tie at the
+  k-th place goes to the lower region index; torch.topk leaves the choice among ties open).
 - Prefix tokens ([CLS], registers; BiFormer has none), cls_mode "global_row": a prefix query
   attends to every token (prefix and patches, not padding) with the same qk_dim^-1/2 scale and
   gets no LCE; patch queries do not see the prefix. That row is exact, so `cls_probs` is too.
