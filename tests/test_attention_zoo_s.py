@@ -1040,6 +1040,181 @@ def test_rmt_decay_errors_are_one_line():
     init(build("rmt_decay"), x, AttnContext())
 
 
+# ----------------------------------------------------------------------------- BiFormer
+def biformer_padded(x, grid, npre, n_win):
+  """Tokens with the patch grid zero-padded at the bottom and right to multiples of n_win (the
+  official auto_pad), and that padded grid; numpy in, numpy out."""
+  xp = np if isinstance(x, np.ndarray) else jnp
+  full = tuple(-(-g // n_win) * n_win for g in grid)
+  img = x[:, npre:].reshape(x.shape[0], *grid, x.shape[-1])
+  img = xp.pad(img, [(0, 0), (0, full[0] - grid[0]), (0, full[1] - grid[1]), (0, 0)])
+  return xp.concatenate([x[:, :npre], img.reshape(x.shape[0], -1, x.shape[-1])], 1), full
+
+
+def biformer_routes(p, x, grid, npre, n_win, topk, qk):
+  """NumPy (float64) routing: the region of every padded patch [P] and the top-k regions of each
+  region by the affinity of the region means of q and k [B, R, k]. Asserts that the k-th and
+  (k+1)-th affinities are apart (no near-tie that float32 could flip)."""
+  t, full = biformer_padded(np.asarray(x, np.float64), grid, npre, n_win)
+  qkv = t[:, npre:] @ np.asarray(p["qkv"]["kernel"], np.float64) + np.asarray(p["qkv"]["bias"])
+  r, c = coords(full)
+  region = (r // (full[0] // n_win)) * n_win + c // (full[1] // n_win)
+  mean = (region[None] == np.arange(n_win ** 2)[:, None]) / (region == 0).sum()   # [R, P]
+  means = np.einsum("rp,bpc->brc", mean, qkv)
+  affinity = np.einsum("brc,bsc->brs", means[..., :qk], means[..., qk:2 * qk])
+  order = np.argsort(-affinity, axis=-1, kind="stable")
+  if topk < n_win ** 2:
+    ranked = np.take_along_axis(affinity, order, -1)
+    assert np.abs(ranked[..., topk - 1] - ranked[..., topk]).min() > 1e-4
+  return region, order[..., :topk]
+
+
+def naive_biformer(p, x, grid, npre, n_win, routes, qk):
+  """Bi-level routing attention from its definition, as global attention with an explicit
+  allowed-pairs mask: padded patch p sees patch p' iff the region of p' is one of the routed
+  regions of p's region; logits scaled by the full width qk^-1/2; + the LCE (a depthwise conv of
+  v by shifted sums, + its bias); padding cut off; a prefix query sees every real token.
+  Returns (y, the prefix rows' weights [B, H, prefix, N])."""
+  b, n, width = x.shape
+  region, top = routes
+  t, full = biformer_padded(x, grid, npre, n_win)
+  q, k, v = jnp.split(dense(p["qkv"], t), [qk, 2 * qk], -1)
+  allowed = (region[None, None, :, None] == top[:, region][:, :, None, :]).any(-1)  # [B, P, P]
+  hd = lambda a: a.reshape(b, a.shape[1], H, a.shape[-1] // H)  # noqa: E731
+  s = jnp.einsum("bnhd,bmhd->bhnm", hd(q[:, npre:]), hd(k[:, npre:])) / math.sqrt(qk)
+  w = jax.nn.softmax(jnp.where(jnp.asarray(allowed)[:, None], s, -jnp.inf), axis=-1)
+  y = jnp.einsum("bhnm,bmhd->bnhd", w, hd(v[:, npre:])).reshape(b, *full, width)
+  if "lepe" in p:
+    y = y + naive_dwconv(v[:, npre:].reshape(b, *full, width), p["lepe"]["kernel"], 1)
+    y = y + p["lepe"]["bias"]
+  y = y[:, :grid[0], :grid[1]].reshape(b, -1, width)
+  rows, cols = np.meshgrid(np.arange(grid[0]), np.arange(grid[1]), indexing="ij")
+  keep = np.concatenate([np.arange(npre), npre + (rows * full[1] + cols).ravel()])
+  s = jnp.einsum("bnhd,bmhd->bhnm", hd(q[:, :npre]), hd(k[:, keep])) / math.sqrt(qk)
+  row = jax.nn.softmax(s, axis=-1)
+  pre = jnp.einsum("bhnm,bmhd->bnhd", row, hd(v[:, keep])).reshape(b, npre, width)
+  return dense(p["wo"], jnp.concatenate([pre, y], 1)), row
+
+
+# (grid, prefix tokens, options, the regions per side, topk, qk_dim)
+BIFORMER_CASES = [
+    ((4, 4), 1, dict(), 7, 4, D),                              # defaults: 4x4 padded to 7x7
+    ((6, 6), 0, dict(n_win=3, topk=2, side_dwconv=3), 3, 2, D),     # no padding
+    ((5, 7), 2, dict(n_win=2, topk=3, qk_dim=16, side_dwconv=3), 2, 3, 16),  # padded to 6x8
+]
+
+
+def biformer_case(case, impl="reference"):
+  """(module, context, tokens, perturbed variables, NumPy routes) of a case."""
+  grid, npre, opts, n_win, topk, qk = BIFORMER_CASES[case]
+  x = tokens(grid, npre, seed=case)
+  ctx = AttnContext(grid=grid, num_prefix=npre)
+  m = build("biformer", impl, **opts)
+  v = perturbed(init(m, x, ctx))
+  return m, ctx, x, v, biformer_routes(v["params"], x, grid, npre, n_win, topk, qk)
+
+
+@pytest.mark.parametrize("case,impl", [(0, "reference"), (1, "xla"), (2, "reference")])
+def test_biformer_matches_routed_global_attention(case, impl):
+  """Forward, the [CLS] row and gradients (input and every parameter) against the masked global
+  reference whose routing is a constant computed in NumPy: the gradients agree only if none flows
+  through the routing. The routed regions equal NumPy's top-k as sets."""
+  m, ctx, x, v, routes = biformer_case(case, impl)
+  grid, npre, _, n_win, _, qk = BIFORMER_CASES[case]
+  ref = lambda p_, x_: naive_biformer(p_["params"], x_, grid, npre, n_win, routes, qk)[0]  # noqa
+  fast = lambda p_, x_: m.apply(p_, x_, ctx)[0]  # noqa: E731
+  r = jax.random.normal(jax.random.key(7), x.shape)
+
+  @jax.jit
+  def run(v, x):
+    (y, aux), inter = m.apply(v, x, ctx, need=("cls_probs",) if npre else (),
+                              mutable=["intermediates"])
+    grads = [jax.grad(lambda p_, x_: (f(p_, x_) * r).sum(), argnums=(0, 1))(v, x)
+             for f in (fast, ref)]
+    want = naive_biformer(v["params"], x, grid, npre, n_win, routes, qk)
+    return y, aux, inter["intermediates"]["routing"][0], want, grads
+
+  y, aux, idx, (want, row), grads = run(v, x)
+  close(y, want, atol=2e-5)
+  assert (np.sort(np.asarray(idx), -1) == np.sort(routes[1], -1)).all()
+  if npre:
+    close(aux["cls_probs"], row[:, :, 0].mean(1), atol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    close(a, b, atol=1e-5 * float(jnp.abs(b).max()) + 1e-6, rtol=1e-4)
+
+
+def biformer_reference_case():
+  test_biformer_matches_routed_global_attention(0, "reference")
+
+
+def test_biformer_all_regions_is_global_attention_plus_lce():
+  """topk = n_win^2 routes every region to every region: multi-head attention with the official
+  scale qk_dim^-1/2 (mhsa whose query weights carry H^-1/2), plus W_o of the LCE."""
+  grid = (6, 4)
+  x = tokens(grid, 0)
+  ctx = AttnContext(grid=grid, num_prefix=0)
+  m = build("biformer", n_win=2, topk=4)
+  v = perturbed(init(m, x, ctx))
+  p = v["params"]
+  y = jitted(m)(v, x, ctx)[0]
+  no_lce = jax.tree.map(jnp.zeros_like, p["lepe"])
+  y_plain = jitted(m)({"params": dict(p, lepe=no_lce)}, x, ctx)[0]
+  mhsa = attn_lib.build("mhsa", num_heads=H, dtype=jnp.float32)
+  wq = H ** -0.5
+  qkv = {"kernel": p["qkv"]["kernel"].at[:, :D].multiply(wq),
+         "bias": p["qkv"]["bias"].at[:D].multiply(wq)}
+  close(y_plain, jitted(mhsa)({"params": {"qkv": qkv, "proj": p["wo"]}}, x)[0], atol=2e-5)
+  vals = dense(p["qkv"], x)[..., 2 * D:].reshape(2, *grid, D)
+  lce = naive_dwconv(vals, p["lepe"]["kernel"], 1) + p["lepe"]["bias"]
+  close(y - y_plain, lce.reshape(2, -1, D) @ p["wo"]["kernel"], atol=2e-5)
+  # side_dwconv=0 has no LCE at all, as the official module
+  bare = build("biformer", n_win=2, topk=4, side_dwconv=0)
+  q = dict(p)
+  del q["lepe"]
+  assert set(init(bare, x, ctx)["params"]) == {"qkv", "wo"}
+  close(jitted(bare)({"params": q}, x, ctx)[0], y_plain, atol=1e-6)
+
+
+def test_biformer_bf16():
+  """bf16 activations: bf16 out, softmax and routing affinity in float32; every region routed to
+  every region (topk = n_win^2), so no near-tie can flip a route between the two precisions."""
+  grid = (4, 4)
+  x = tokens(grid, 1)
+  ctx = AttnContext(grid=grid, num_prefix=1)
+  m = build("biformer", n_win=2, topk=4)
+  p = init(m, x, ctx)
+  y0 = jitted(m)(p, x, ctx)[0]
+  mb = attn_lib.build(dict(name="biformer", n_win=2, topk=4), num_heads=H, dtype=jnp.bfloat16)
+  yb, aux = jitted(mb)(p, x.astype(jnp.bfloat16), ctx, need=("cls_probs",))
+  assert yb.dtype == jnp.bfloat16 and aux["cls_probs"].dtype == jnp.float32
+  close(np.asarray(yb, np.float32), y0, atol=0.1, rtol=0.1)
+
+
+def test_biformer_errors_are_one_line():
+  x = tokens((4, 4), 1)
+  ctx = AttnContext(grid=(4, 4), num_prefix=1)
+  for opts, match in [(dict(topk=50), "n_win=7, topk=50; n_win is >= 1 and topk in"),
+                      (dict(side_dwconv=4), "side_dwconv=4; the LCE kernel is odd"),
+                      (dict(n_win=3, auto_pad=False), "n_win 3 does not divide the 4x4 grid; "
+                       "use auto_pad=True"),
+                      (dict(qk_dim=15), "qk_dim 15 and width 32 must both divide"),
+                      (dict(qk_dim=16, impl="xla"), "impl 'xla' needs qk_dim equal to the width")]:
+    with pytest.raises(ValueError, match=match) as err:
+      init(build("biformer", **opts), x, ctx)
+    assert str(err.value).startswith("error: ") and "\n" not in str(err.value)
+  with pytest.raises(ValueError, match="^error: biformer takes no key bias or mask"):
+    init(build("biformer"), x, ctx.replace(valid=jnp.ones((2, 17), bool)))
+  with pytest.raises(ValueError, match="^error: biformer has no qk_norm"):
+    init(attn_lib.build("biformer", num_heads=H, dtype=jnp.float32, qk_norm=True), x, ctx)
+  with pytest.raises(ValueError, match="needs the patch grid"):
+    init(build("biformer"), x, AttnContext())
+  # a grid n_win divides takes no padding either way
+  even = build("biformer", n_win=2, topk=2, auto_pad=False)
+  v = init(even, x, ctx)
+  close(jitted(even)(v, x, ctx)[0], jitted(build("biformer", n_win=2, topk=2))(v, x, ctx)[0],
+        atol=0)
+
+
 REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_reference_case,
                    "twins_lsa": test_windows_without_bias_match_masked_global_attention,
                    "davit_window": test_windows_without_bias_match_masked_global_attention,
@@ -1052,4 +1227,5 @@ REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_ref
                    "mvit_pool": test_mvit_pool_matches_its_definition,
                    "gcvit_global": gcvit_reference_case,
                    "cvt_conv_proj": test_cvt_conv_proj_matches_its_definition,
-                   "rmt_decay": test_rmt_decay_matches_its_definition}
+                   "rmt_decay": test_rmt_decay_matches_its_definition,
+                   "biformer": biformer_reference_case}
