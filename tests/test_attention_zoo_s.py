@@ -545,7 +545,120 @@ def test_gpsa_locality_init_gates_and_rows():
   close(m.apply({"params": p}, x, ctx, need=("attn",))[1]["attn"].sum(-1), 1.0)
 
 
-                   "mvit_pool": test_mvit_pool_matches_its_definition,
+# ----------------------------------------------------------------------------- MViTv2 pooling
+def naive_pool(w, t, grid, stride, npre):
+  """The depthwise pooling conv written out: out[i, j] = sum_ab w[a, b] t[s i + a - p, s j + b - p]
+  (zero outside the grid), per head and channel; prefix tokens pass through unpooled."""
+  kh, kw = w.shape[:2]
+  b, _, heads, d = t.shape
+  g = t[:, npre:].reshape(b, *grid, heads, d)
+  g = jnp.pad(g, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0), (0, 0)))
+  oh, ow = ((n + 2 * (k // 2) - k) // stride + 1 for n, k in zip(grid, (kh, kw)))
+  out = sum(w[a, c, 0] * g[:, a:a + stride * oh:stride, c:c + stride * ow:stride][:, :oh, :ow]
+            for a in range(kh) for c in range(kw))
+  return jnp.concatenate([t[:, :npre], out.reshape(b, oh * ow, heads, d)], 1), (oh, ow)
+
+
+def layer_norm(p, t, eps=1e-6):
+  mu = t.mean(-1, keepdims=True)
+  var = ((t - mu) ** 2).mean(-1, keepdims=True)
+  return (t - mu) / jnp.sqrt(var + eps) * p["scale"] + p["bias"]
+
+
+def rel_pos_gather(table, qs, ks):
+  """[qs, ks, d] entries table[int(i r_q - j r_k + (ks - 1) r_k)] of cal_rel_pos_spatial, pair
+  by pair (r_q = max(ks / qs, 1), r_k = max(qs / ks, 1))."""
+  rq, rk = max(ks / qs, 1.0), max(qs / ks, 1.0)
+  idx = [[int(i * rq - j * rk + (ks - 1) * rk) for j in range(ks)] for i in range(qs)]
+  return table[np.array(idx)]
+
+
+def naive_mvit_pool(p, x, grid, npre, q_stride, kv_stride, rel_pos=True, residual=True,
+                    kernel=3):
+  """MViTv2's pooling attention from its definition: pooled and normed q, k, v, the
+  decomposed rel-pos bias by index on the patch pairs, dense softmax, + q, projection."""
+  out = p["qkv"]["kernel"].shape[1] // 3
+  d = out // H
+  q, k, v = (t.reshape(*x.shape[:2], H, d) for t in jnp.split(dense(p["qkv"], x), 3, -1))
+  q_grid = k_grid = grid
+  if kernel > 1 or q_stride > 1:
+    q, q_grid = naive_pool(p["pool_q"]["kernel"], q, grid, q_stride, npre)
+    q = layer_norm(p["norm_q"], q)
+  if kernel > 1 or kv_stride > 1:
+    k, k_grid = naive_pool(p["pool_k"]["kernel"], k, grid, kv_stride, npre)
+    v, _ = naive_pool(p["pool_v"]["kernel"], v, grid, kv_stride, npre)
+    k, v = layer_norm(p["norm_k"], k), layer_norm(p["norm_v"], v)
+  s = jnp.einsum("bnhd,bmhd->bhnm", q, k) / math.sqrt(d)
+  if rel_pos:
+    rh = rel_pos_gather(p["rel_pos_h"], q_grid[0], k_grid[0])  # [qh, kh, d]
+    rw = rel_pos_gather(p["rel_pos_w"], q_grid[1], k_grid[1])
+    qi, qj = coords(q_grid)
+    ki, kj = coords(k_grid)
+    pair_r = rh[qi[:, None], ki[None]] + rw[qj[:, None], kj[None]]  # [Nq, Nk, d]
+    bias = jnp.einsum("bnhd,nmd->bhnm", q[:, npre:], pair_r)
+    s = s.at[:, :, npre:, npre:].add(bias)
+  y = jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, axis=-1), v)
+  if residual:
+    y = y + q
+  return dense(p["proj"], y.reshape(*y.shape[:2], out))
+
+
+# (grid, prefix tokens, q stride, kv stride, dim_out)
+MVIT_CASES = [((8, 8), 1, 2, 4, 48),   # q 4x4 over keys 2x2: table ratios 2; width grows
+              ((6, 4), 0, 1, 2, None),  # non-square, keys pooled only
+              ((5, 5), 1, 2, 1, None)]  # q 3x3 over keys 5x5: ratio 5/3
+
+
+@pytest.mark.parametrize("case", range(len(MVIT_CASES)))
+def test_mvit_pool_matches_its_definition(case):
+  grid, npre, sq, skv, out = MVIT_CASES[case]
+  x = tokens(grid, npre)
+  p = compare(build("mvit_pool", q_stride=sq, kv_stride=skv, dim_out=out),
+              lambda p_, x_: naive_mvit_pool(p_, x_, grid, npre, sq, skv), x,
+              AttnContext(grid=grid, num_prefix=npre), grads=case == 0, grad_floor=1e-5)
+  # (grad_floor: norm_k's bias moves every logit of a row alike, so its gradient is 0)
+  assert p["params"]["pool_q"]["kernel"].shape == (3, 3, 1, (out or D) // H)
+
+
+def test_mvit_pool_special_cases():
+  """Kernel 1, strides 1, no rel-pos and no residual pooling: global attention (`mhsa` on the
+  same weights); kernel 3 with a centred unit kernel: global attention of the normed q, k, v."""
+  grid, npre = (4, 4), 1
+  x = tokens(grid, npre)
+  ctx = AttnContext(grid=grid, num_prefix=npre)
+  plain = build("mvit_pool", kernel_size=1, rel_pos=False, residual_pooling=False)
+  p = init(plain, x, ctx)
+  assert set(p["params"]) == {"qkv", "proj"}
+  mhsa = build("mhsa")
+  close(jitted(plain)(p, x, ctx)[0], jitted(mhsa)(p, x, ctx)[0])
+  normed = build("mvit_pool", rel_pos=False, residual_pooling=False)
+  p = perturbed(init(normed, x, ctx))
+  unit = jnp.zeros((3, 3, 1, D // H)).at[1, 1].set(1.0)
+  p = {"params": {**p["params"], **{f"pool_{t}": {"kernel": unit} for t in "qkv"}}}
+  y = jitted(normed)(p, x, ctx)[0]
+  w = p["params"]
+  q, k, v = (layer_norm(w[f"norm_{n}"], heads(t))
+             for n, t in zip("qkv", jnp.split(dense(w["qkv"], x), 3, -1)))
+  o = masked_heads(q, k, v, np.ones((x.shape[1],) * 2, bool))
+  close(y, dense(w["proj"], o), atol=2e-5)
+  # pooled sizes and the rel-pos index of the official code at 224 px (stage 2 -> 3: 14 -> 7)
+  from vitjax.attention import mvit_pool  # pylint: disable=import-outside-toplevel
+  assert mvit_pool.pooled_grid((14, 14), 3, 2) == (7, 7)
+  assert mvit_pool.rel_pos_index(2, 4).tolist() == [[3, 2, 1, 0], [5, 4, 3, 2]]
+  assert mvit_pool.rel_pos_index(4, 2).tolist() == [[2, 0], [3, 1], [4, 2], [5, 3]]
+
+
+def test_mvit_pool_errors_are_one_line():
+  x = tokens((4, 4), 1)
+  with pytest.raises(ValueError, match=r"^error: mvit_pool takes no key bias or mask"):
+    init(build("mvit_pool"), x, AttnContext(grid=(4, 4), valid=jnp.ones((2, 17), bool)))
+  with pytest.raises(ValueError, match=r"^error: mvit_pool gives none of \['attn'\]"):
+    build("mvit_pool").apply({}, x, AttnContext(grid=(4, 4)), need=("attn",))
+  with pytest.raises(ValueError, match=r"^error: mvit_pool has no qk_norm"):
+    init(attn_lib.build("mvit_pool", num_heads=H, dtype=jnp.float32, qk_norm=True), x,
+         AttnContext(grid=(4, 4)))
+
+
 # ----------------------------------------------------------------------------- GC ViT global query
 def naive_gcvit(p, x, gq, grid, npre, window, valid=None):
   """GC ViT's global query attention as global attention with an explicit window mask: patch
@@ -793,5 +906,5 @@ REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_ref
                    "maxvit_block": test_maxvit_matches_masked_global_attention,
                    "maxvit_grid": test_maxvit_matches_masked_global_attention,
                    "mvit_pool": test_mvit_pool_matches_its_definition,
-                   "gcvit_global": gcvit_reference_case}
+                   "gcvit_global": gcvit_reference_case,
                    "cvt_conv_proj": test_cvt_conv_proj_matches_its_definition}
