@@ -162,10 +162,10 @@ class OffsetNetwork(nn.Module):
     paper="Vision Transformer with Deformable Attention (Xia et al. 2022)",
     official="https://github.com/LeapLabTHU/DAT",
     complexity="O(N N/r^2 D) + N/r^2 k^2 D (offsets)", macs=deformable_macs,
-    # the bias interpolation is elementwise work per (query, key, group): its coordinates, four
-    # corner weights and gathers, ~70 XLA flops a pair against 2 D of Q K^T and P V: 46% over
-    # the contractions at width 32 (the registry test's), 3% at ViT-S
-    macs_tolerance=0.5)
+    # the bias interpolation is elementwise work per (query, key, group): its coordinates and
+    # four corner weights, ~80 XLA flops a pair against 2 D of Q K^T and P V: XLA counts 51%
+    # over the contractions at width 32 (the registry test's smallest), 3% at ViT-S
+    macs_tolerance=0.6)
 class DeformableAttention(Attention):
   """Softmax attention over keys sampled at learned offsets from a reference grid (DAT)."""
   n_groups: Optional[int] = None   # offset groups; None: num_heads // 4 (at least 1)
