@@ -1098,6 +1098,24 @@ def test_deformable_official_shapes():
   assert deformable.default_groups(2, None) == 1 and deformable.default_groups(6, 2) == 2
 
 
+def test_deformable_bf16():
+  grid = (4, 4)
+  x = tokens(grid, 1)
+  ctx = AttnContext(grid=grid, num_prefix=1)
+  m = build("deformable", stride=2)
+  mb = attn_lib.build(dict(name="deformable", stride=2), num_heads=H, dtype=jnp.bfloat16)
+
+  @jax.jit
+  def run(x):
+    p = perturbed(m.init(jax.random.key(1), x, ctx))
+    return m.apply(p, x, ctx)[0], mb.apply(p, x.astype(jnp.bfloat16), ctx, need=("cls_probs",))
+
+  y0, (yb, auxb) = run(x)
+  assert yb.dtype == jnp.bfloat16
+  close(np.asarray(yb, np.float32), y0, atol=0.1, rtol=0.1)
+  assert np.isfinite(np.asarray(auxb["cls_probs"])).all()
+
+
 def test_deformable_errors_are_one_line():
   x = tokens((4, 4), 1)
   ctx = AttnContext(grid=(4, 4), num_prefix=1)
