@@ -1215,6 +1215,242 @@ def test_biformer_errors_are_one_line():
         atol=0)
 
 
+# ----------------------------------------------------------------------------- DAT deformable
+def tent(pts, size):
+  """[..., 2] pixel (row, col) -> [..., size_h * size_w] bilinear weights of every grid pixel:
+  relu(1 - |y - r|) relu(1 - |x - c|), the four-corner formula; a corner off the grid has no pixel
+  and so weighs nothing (zeros padding)."""
+  r, c = coords(size)
+  wy = jax.nn.relu(1 - jnp.abs(pts[..., 0:1] - r))
+  wx = jax.nn.relu(1 - jnp.abs(pts[..., 1:2] - c))
+  return wy * wx
+
+
+def aligned(pos, size):
+  """Normalised [-1, 1] -> pixels, align_corners=True (-1 and 1 the first and last centres)."""
+  return (pos + 1) / 2 * jnp.asarray([size[0] - 1, size[1] - 1], jnp.float32)
+
+
+def centres(size):
+  """DAT's reference points (i + 1/2) / n * 2 - 1, [n_h * n_w, 2]."""
+  r, c = np.meshgrid((np.arange(size[0]) + 0.5) / size[0] * 2 - 1,
+                     (np.arange(size[1]) + 0.5) / size[1] * 2 - 1, indexing="ij")
+  return jnp.asarray(np.stack([r.ravel(), c.ravel()], -1), jnp.float32)
+
+
+def naive_offsets(p, q_img, ksize, stride):
+  """The offset network written out: depthwise conv + bias, LayerNorm over the channels (eps
+  1e-5), exact GELU, 1x1 conv to (rows, cols) without bias."""
+  t = naive_dwconv(q_img, p["dwconv"]["kernel"], stride) + p["dwconv"]["bias"]
+  mu, var = t.mean(-1, keepdims=True), t.var(-1, keepdims=True)
+  t = (t - mu) / jnp.sqrt(var + 1e-5) * p["norm"]["scale"] + p["norm"]["bias"]
+  t = 0.5 * t * (1 + jax.scipy.special.erf(t / math.sqrt(2)))
+  return t @ p["proj"]["kernel"]
+
+
+def naive_deformable(p, x, grid, npre, groups, stride=1, ksize=5, factor=2.0, pe="table",
+                     zero_offsets=False):
+  """DAT's deformable attention from its definition, per offset group; returns (y, the [CLS]
+  row [B, H, N]). pe: "table" (the bias sampled at (q_centre - pos) / 2), "dwc", "fixed", None."""
+  b, n, width = x.shape
+  d, cg, hg = width // H, width // groups, H // groups
+  q = dense(p["proj_q"], x)
+  q_img, x_img = (t[:, npre:].reshape(b, *grid, width) for t in (q, x))
+  keys, biases = [], []
+  for g in range(groups):
+    ch = slice(g * cg, (g + 1) * cg)
+    if zero_offsets:
+      size = tuple(-(-s // stride) for s in grid)
+      pos = jnp.broadcast_to(centres(size), (b, size[0] * size[1], 2))
+    else:
+      theta = naive_offsets(p["conv_offset"], q_img[..., ch], ksize, stride)
+      size = theta.shape[1:3]
+      theta = theta.reshape(b, -1, 2)
+      if factor > 0:
+        theta = jnp.tanh(theta) * jnp.asarray([1 / size[0], 1 / size[1]]) * factor
+      pos = theta + centres(size) if factor >= 0 else jnp.tanh(theta + centres(size))
+    interp = tent(aligned(pos, grid), grid)                         # [B, Ns, hw]
+    keys.append(jnp.einsum("bmp,bpc->bmc", interp, x_img[..., ch].reshape(b, -1, cg)))
+    if pe == "table":
+      disp = (centres(grid)[None, :, None] - pos[:, None]) / 2      # [B, hw, Ns, 2]
+      tsize = (2 * grid[0] - 1, 2 * grid[1] - 1)
+      table = p["rpe_table"][g * hg:(g + 1) * hg].reshape(hg, -1)
+      biases.append(jnp.einsum("bqmt,ht->bhqm", tent(aligned(disp, tsize), tsize), table))
+  sampled = jnp.concatenate(keys, -1)
+  qh = heads(q)
+  k, v = heads(dense(p["proj_k"], sampled)), heads(dense(p["proj_v"], sampled))
+  s = jnp.einsum("bnhd,bmhd->bhnm", qh[:, npre:], k) / math.sqrt(d)
+  if pe == "table":
+    s = s + jnp.concatenate(biases, 1)
+  if pe == "fixed":
+    s = s + p["rpe_table"]
+  y = jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, -1), v)
+  if pe == "dwc":
+    lepe = naive_dwconv(q_img, p["rpe_table"]["kernel"], 1) + p["rpe_table"]["bias"]
+    y = y + heads(lepe.reshape(b, -1, width))
+  ka, va = heads(dense(p["proj_k"], x)), heads(dense(p["proj_v"], x))
+  w = jax.nn.softmax(jnp.einsum("bnhd,bmhd->bhnm", qh[:, :npre], ka) / math.sqrt(d), -1)
+  y = jnp.concatenate([jnp.einsum("bhnm,bmhd->bnhd", w, va), y], 1).reshape(b, n, width)
+  return dense(p["proj_out"], y), w
+
+
+# (grid, prefix tokens, options, the naive's keyword arguments)
+DAT_CASES = [
+    ((4, 4), 1, dict(), dict(groups=1)),                                      # defaults
+    ((5, 6), 0, dict(stride=2, ksize=3, n_groups=2), dict(groups=2, stride=2, ksize=3)),
+    ((4, 4), 2, dict(dwc_pe=True, offset_range_factor=-1.0, ksize=3),
+     dict(groups=1, ksize=3, factor=-1.0, pe="dwc")),
+    ((4, 5), 1, dict(fixed_pe=True, stride=2, n_groups=2, offset_range_factor=0.0),
+     dict(groups=2, stride=2, factor=0.0, pe="fixed")),
+]
+
+
+@pytest.mark.parametrize("case", range(len(DAT_CASES)))
+def test_deformable_matches_its_definition(case):
+  """Forward and gradients (the offset network's included) against the naive formula."""
+  grid, npre, opts, naive = DAT_CASES[case]
+  x = tokens(grid, npre)
+  ctx = AttnContext(grid=grid, num_prefix=npre)
+  m = build("deformable", **opts)
+  ref = lambda p_, x_: naive_deformable(p_, x_, grid, npre, **naive)[0]  # noqa: E731
+  # gradients in one case (they compile slowly): strided, two groups, off-grid samples
+  p = compare(m, ref, x, ctx, grads=case == 1, grad_floor=1e-5)
+  if case == 0:
+    @jax.jit
+    def run(p):
+      # the offsets matter (so the gradients compared into the offset network are not all 0)
+      moved = jax.tree.map(lambda t: t, p)
+      moved["params"]["conv_offset"]["proj"]["kernel"] = 2 * p["params"]["conv_offset"]["proj"][
+          "kernel"]
+      y, aux = m.apply(p, x, ctx, need=("cls_probs_per_head",))
+      row = naive_deformable(p["params"], x, grid, npre, 1)[1]
+      return jnp.abs(m.apply(moved, x, ctx)[0] - y).max(), aux["cls_probs_per_head"], row
+
+    change, row, naive_row = run(p)
+    assert float(change) > 1e-3
+    close(row, naive_row[:, :, 0], atol=1e-6)
+
+
+def test_deformable_sampler_is_map_coordinates():
+  """The gather sampler against jax.scipy.ndimage.map_coordinates(order=1, mode="constant"),
+  values and gradients, with points off the grid; grid_sample's align_corners=True mapping."""
+  from vitjax.attention import deformable
+  img = jax.random.normal(jax.random.key(0), (2, 5, 6, 3))
+  pts = jax.random.uniform(jax.random.key(1), (2, 40, 2), minval=-1.5, maxval=6.5)
+  pos = jax.random.uniform(jax.random.key(3), (2, 7, 2), minval=-1.2, maxval=1.2)
+  r = jax.random.normal(jax.random.key(2), (2, 40, 3))
+
+  def mapped(img, pts):
+    one = lambda im, pt: jax.scipy.ndimage.map_coordinates(im, [pt[:, 0], pt[:, 1]], order=1,
+                                                          mode="constant", cval=0.0)  # noqa
+    return jax.vmap(jax.vmap(one, (2, None), 1))(img, pts)
+
+  @jax.jit
+  def run():
+    out = [(deformable.sample_bilinear(img, pts), mapped(img, pts))]
+    for argnum in (0, 1):
+      out.append(tuple(jax.grad(lambda i, t: (f(i, t) * r).sum(), argnums=argnum)(img, pts)
+                       for f in (deformable.sample_bilinear, mapped)))
+    out.append((deformable.grid_sample(img, pos), mapped(img, aligned(pos, (5, 6)))))
+    corners = jnp.asarray([[[-1.0, -1.0], [1.0, 1.0]]] * 2)  # the corner pixels' centres
+    out.append((deformable.grid_sample(img, corners), jnp.stack([img[:, 0, 0], img[:, -1, -1]], 1)))
+    return out
+
+  for ours, theirs in run():
+    close(ours, theirs, atol=1e-5)
+  ref = deformable.reference_points((4, 2))  # the centres (i + 1/2) / n * 2 - 1
+  np.testing.assert_allclose(ref[:, 0, 0], [-0.75, -0.25, 0.25, 0.75], atol=1e-7)
+  np.testing.assert_allclose(ref[0, :, 1], [-0.5, 0.5], atol=1e-7)
+
+
+def test_deformable_zero_offsets():
+  """A zero last offset conv makes the keys the bilinear samples at DAT's reference points:
+  no_off's output, and (without the bias) attention over proj_k / proj_v of A x, where A
+  interpolates at the pixels (i + 1/2)(h - 1)/h, not the grid itself (align_corners=True)."""
+  grid, npre = (4, 4), 1
+  x = tokens(grid, npre)
+  ctx = AttnContext(grid=grid, num_prefix=npre)
+  m, off = build("deformable", use_pe=False), build("deformable", use_pe=False, no_off=True)
+  pix = (np.arange(4) + 0.5) * 3 / 4                   # 0.375, 1.125, 1.875, 2.625
+  a1 = np.maximum(0, 1 - np.abs(pix[:, None] - np.arange(4)[None]))   # [4, 4] per axis
+  interp = jnp.asarray(np.kron(a1, a1), jnp.float32)
+
+  @jax.jit
+  def run(x):
+    p = perturbed(m.init(jax.random.key(1), x, ctx))
+    p["params"]["conv_offset"]["proj"]["kernel"] = jnp.zeros((D, 2))
+    pp = p["params"]
+    y = m.apply(p, x, ctx)[0]
+    y_off = off.apply({"params": {k: v for k, v in pp.items() if k != "conv_offset"}}, x, ctx)[0]
+    sampled = jnp.einsum("mp,bpc->bmc", interp, x[:, npre:])
+    k, v = heads(dense(pp["proj_k"], sampled)), heads(dense(pp["proj_v"], sampled))
+    q = heads(dense(pp["proj_q"], x))
+    s = jnp.einsum("bnhd,bmhd->bhnm", q[:, npre:], k) / math.sqrt(D // H)
+    yp = jnp.einsum("bhnm,bmhd->bnhd", jax.nn.softmax(s, -1), v).reshape(2, -1, D)
+    # the [CLS] row: every token, unsampled, no bias
+    ka, va = heads(dense(pp["proj_k"], x)), heads(dense(pp["proj_v"], x))
+    w = jax.nn.softmax(jnp.einsum("bhd,bmhd->bhm", q[:, 0], ka) / math.sqrt(D // H), -1)
+    yc = jnp.einsum("bhm,bmhd->bhd", w, va).reshape(2, 1, D)
+    return y, y_off, dense(pp["proj_out"], jnp.concatenate([yc, yp], 1))
+
+  y, y_off, y_ref = run(x)
+  close(y, y_off, atol=1e-6)
+  close(y, y_ref, atol=1e-5)
+
+
+def test_deformable_official_shapes():
+  """Keys ceil(h/r) ceil(w/r), the offset field on that grid, the table [H, 2h - 1, 2w - 1];
+  DAT-T's four heads per group (abstract shapes, nothing compiled)."""
+  from vitjax.attention import deformable
+  grid, npre = (6, 5), 1
+  x = tokens(grid, npre)
+  ctx = AttnContext(grid=grid, num_prefix=npre)
+  m = build("deformable", stride=2, ksize=3)
+  v = jax.eval_shape(lambda: m.init(jax.random.key(1), x, ctx))
+  assert v["params"]["rpe_table"].shape == (H, 11, 9)
+  _, inter = jax.eval_shape(lambda v_: m.apply(v_, x, ctx, capture_intermediates=True,
+                                               mutable=["intermediates"]), v)
+  keys = inter["intermediates"]["proj_k"]["__call__"]  # the samples, then every token ([CLS] row)
+  assert keys[0].shape == (2, 3 * 3, D) and keys[1].shape == (2, npre + 6 * 5, D)
+  assert inter["intermediates"]["conv_offset"]["__call__"][0].shape == (2, 3, 3, 2)
+  assert deformable.default_groups(12, None) == 3 and deformable.default_groups(24, None) == 6
+  assert deformable.default_groups(2, None) == 1 and deformable.default_groups(6, 2) == 2
+
+
+def test_deformable_bf16():
+  grid = (4, 4)
+  x = tokens(grid, 1)
+  ctx = AttnContext(grid=grid, num_prefix=1)
+  m = build("deformable", stride=2)
+  mb = attn_lib.build(dict(name="deformable", stride=2), num_heads=H, dtype=jnp.bfloat16)
+
+  @jax.jit
+  def run(x):
+    p = perturbed(m.init(jax.random.key(1), x, ctx))
+    return m.apply(p, x, ctx)[0], mb.apply(p, x.astype(jnp.bfloat16), ctx, need=("cls_probs",))
+
+  y0, (yb, auxb) = run(x)
+  assert yb.dtype == jnp.bfloat16
+  close(np.asarray(yb, np.float32), y0, atol=0.1, rtol=0.1)
+  assert np.isfinite(np.asarray(auxb["cls_probs"])).all()
+
+
+def test_deformable_errors_are_one_line():
+  x = tokens((4, 4), 1)
+  ctx = AttnContext(grid=(4, 4), num_prefix=1)
+  for opts, match in [(dict(ksize=4), "ksize=4, stride=1; the kernel is an odd"),
+                      (dict(stride=0), "stride=0"), (dict(n_groups=3), "n_groups=3 with 2 heads")]:
+    with pytest.raises(ValueError, match=match) as err:
+      init(build("deformable", **opts), x, ctx)
+    assert str(err.value).startswith("error: ") and "\n" not in str(err.value)
+  with pytest.raises(ValueError, match="^error: deformable takes no key bias or mask"):
+    init(build("deformable"), x, AttnContext(grid=(4, 4), valid=jnp.ones((2, 17), bool)))
+  with pytest.raises(ValueError, match="^error: deformable has no qk_norm"):
+    init(attn_lib.build("deformable", num_heads=H, dtype=jnp.float32, qk_norm=True), x, ctx)
+  with pytest.raises(ValueError, match="needs the patch grid"):
+    init(build("deformable"), x, AttnContext())
+
+
 REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_reference_case,
                    "twins_lsa": test_windows_without_bias_match_masked_global_attention,
                    "davit_window": test_windows_without_bias_match_masked_global_attention,
@@ -1228,4 +1464,5 @@ REFERENCE_CASES = {"window": window_reference_case, "shifted_window": window_ref
                    "gcvit_global": gcvit_reference_case,
                    "cvt_conv_proj": test_cvt_conv_proj_matches_its_definition,
                    "rmt_decay": test_rmt_decay_matches_its_definition,
-                   "biformer": biformer_reference_case}
+                   "biformer": biformer_reference_case,
+                   "deformable": test_deformable_matches_its_definition}
