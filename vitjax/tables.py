@@ -133,7 +133,8 @@ def gcvit_table() -> str:
 
 
 def cvt_table() -> str:
-  rows = ["| variant | embed dims | depths | heads | [CLS] | K/V stride |", "|---|---|---|---|---|---|"]
+  rows = ["| variant | embed dims | depths | heads | [CLS] | K/V stride |",
+          "|---|---|---|---|---|---|"]
   for name, (dims, depths, heads) in models.cvt.VARIANTS.items():
     rows.append(f"| `{name}` | {', '.join(map(str, dims))} | {', '.join(map(str, depths))} | "
                 f"{', '.join(map(str, heads))} | last stage | {models.CvT.stride_kv} |")
