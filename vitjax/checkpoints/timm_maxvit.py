@@ -20,7 +20,8 @@ statistics, which the model needs in evaluation, from `batch_stats_from_timm`, o
 as flax variables from `variables_from_timm` / `load_variables` (`checkpoints.load_variables`
 and `checkpoints.load_batch_stats`, which evaluation and `init_from` use). `to_timm` takes
 parameters or variables ({"params", "batch_stats"}) and writes num_batches_tracked too, so that
-the file loads into timm with strict=True (without statistics it writes flax's initial ones, mean 0, var 1).
+the file loads into timm with strict=True (without statistics it writes flax's initial ones,
+mean 0, var 1).
 A state dict stores neither the head width nor the image size: `model_config` gives timm's head
 width 32 and the image size 32 x the partition size (timm's partition_ratio: 224 px for 7).
 """
