@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import evit_finetune, evit_scratch, offtheshelf
+from configs import evit_finetune, evit_scratch, offtheshelf, swin_imagenet
 from vitjax import checkpoints, evaluate, models
 from vitjax.data import augment, pp
 from vitjax.train import recipe, trainer
@@ -287,6 +287,20 @@ def test_evit_configs_carry_the_recipes():
   assert off.model.tokens.to_dict() == dict(name="tome", prop_attn=True, r=13)
   assert offtheshelf.get_config("smoke=True").model.from_checkpoint
 
+
+
+def test_swin_config_carries_the_official_recipe():
+  cfg = swin_imagenet.get_config("variant=B")
+  assert cfg.optimizer.lr == pytest.approx(1e-3) and cfg.optimizer.min_lr == pytest.approx(1e-5)
+  assert cfg.optimizer.clip_norm == 5.0 and cfg.warmup_epochs == 20 and cfg.total_epochs == 300
+  assert cfg.model.drop_path == 0.5 and "ema" not in cfg and cfg.mixup.label_smoothing == 0.1
+  pp.parse(cfg.data.pp_train)
+  model = models.build(cfg.model, num_classes=1000, image_size=224)
+  assert model.embed_dim == 128 and tuple(model.depths) == (2, 2, 18, 2)
+  smoke = swin_imagenet.get_config("smoke=True")
+  models.build(smoke.model, num_classes=10, image_size=8).validate()
+  with pytest.raises(ValueError, match="valid: T, S, B"):
+    swin_imagenet.get_config("variant=L")
 
 # ------------------------------------------------------------------ training + evaluation
 def save_tiny(path, distill_token, seed):
