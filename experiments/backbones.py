@@ -46,6 +46,10 @@ BACKBONES = {
     "nat_t": (dict(name="nat", variant="T"), None, 4.3),
     "dinat_t": (dict(name="dinat", variant="T"), None, 4.3),
     "convit_ti": (dict(name="convit", variant="Ti"), "convit_tiny", 1.0),
+    "mvitv2_t": (dict(name="mvitv2", variant="T"), "mvitv2_tiny", 4.7),
+    "maxvit_t": (dict(name="maxvit", variant="T"), "maxvit_tiny_tf_224", 5.6),
+    "gcvit_t": (dict(name="gcvit", variant="T"), "gcvit_tiny", 4.7),
+    "cvt_13": (dict(name="cvt", variant="13"), None, 4.5),
 }
 # --smoke: one tiny backbone, a small image, no timm
 SMOKE = {"swin_tiny": (dict(name="swin", embed_dim=16, depths=(1, 1), num_heads=(1, 2),
