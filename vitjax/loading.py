@@ -7,9 +7,10 @@
 
 `variables` is what `model.apply` takes: {"params": ...}, plus {"batch_stats": ...} for a run
 whose attention keeps running statistics (dgqa's key norms, routing's centroids) or a file that
-carries BatchNorm statistics (MaxViT's, CvT's). Arrays are numpy; jit puts them on the devices. A training checkpoint holds weights but not the
-architecture, so a workdir needs the run's config: the `config` argument, or the workdir's
-config.json where one was written (`save_config`).
+carries BatchNorm statistics (MaxViT's, CvT's). Arrays are numpy; jit puts them on the devices.
+A training checkpoint holds weights but not the architecture, so a workdir needs the run's
+config: the `config` argument, or the workdir's config.json where one was written
+(`save_config`).
 """
 import importlib.util
 import json
