@@ -118,3 +118,12 @@ def test_backbone_benchmark_outputs(tmp_path):
   assert 0.8 < rows[0]["xla_gmacs"] / rows[0]["analytic_gmacs"] < 1.5
   assert table_header((tmp_path / "backbones.md").read_text(), "backbone")[-1] == "train ratio"
   assert (tmp_path / "backbones.png").stat().st_size > 0
+
+
+def test_depthwise_benchmark_outputs(tmp_path):
+  out = tmp_path / "depthwise.json"
+  assert load("depthwise").main(["--smoke", f"--out={out}"]) == 0
+  with open(out) as f:
+    row = json.load(f)["row"]
+  assert row["max_abs_diff"] < 1e-5  # the shifted sums compute the grouped conv
+  assert all(row[k] > 0 for k in ("grouped_ms", "shifted_ms", "grouped_grad_ms", "dense_ms"))
