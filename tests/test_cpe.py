@@ -1,4 +1,6 @@
-"""The PEG (conditional positional encoding) against a direct depthwise convolution."""
+"""The PEG (conditional positional encoding) against a direct depthwise convolution; the
+depthwise conv's CPU program against XLA's grouped conv."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,3 +68,20 @@ def test_errors_are_one_line():
     PEG().init(jax.random.key(0), x, (3, 3))
   with pytest.raises(ValueError, match=r"^error: PEG kernel_size 2; an odd int"):
     PEG(kernel_size=2).init(jax.random.key(0), x, (3, 3), 1)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_depthwise_shifted_sums_equal_the_grouped_conv(k):
+  """The CPU program (shifted sums) against XLA's grouped conv: values and both gradients, on a
+  grid smaller than the kernel in one direction; DepthwiseConv draws nn.Conv's parameters."""
+  from vitjax.kernels import depthwise  # pylint: disable=import-outside-toplevel
+  x = jax.random.normal(jax.random.key(0), (2, 3, 7, 5))
+  w = jax.random.normal(jax.random.key(1), (k, k, 1, 5))
+  np.testing.assert_allclose(depthwise.shifted(x, w), depthwise.grouped(x, w), atol=1e-5)
+  grads = [jax.grad(lambda x, w, f=f: (f(x, w) ** 3).sum(), argnums=(0, 1))(x, w)
+           for f in (depthwise.shifted, depthwise.grouped)]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  ours = depthwise.DepthwiseConv(k).init(jax.random.key(2), x)
+  flax_conv = nn.Conv(5, (k, k), padding="SAME", feature_group_count=5).init(jax.random.key(2), x)
+  jax.tree.map(np.testing.assert_array_equal, ours, flax_conv)

@@ -6,12 +6,15 @@ twins.py `PosConv`) and DaViT (timm's davit.py `ConvPosEnc`) use it.
 with a bias; prefix tokens ([CLS], registers) pass through unchanged. The zero padding is the
 absolute-position cue, and the conv runs at any grid size, so no table is resampled. `act`:
 DaViT's `cpe_act` (GELU on the conv output; off by default, as in Twins, CPVT and DaViT).
-The conv is `proj` (kernel [k, k, 1, D], one filter per channel), timm's name.
+The conv is `proj` (kernel [k, k, 1, D], one filter per channel), timm's name, computed by
+`vitjax.kernels.depthwise` (shifted sums on CPU, XLA's grouped conv elsewhere).
 """
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from vitjax.kernels.depthwise import DepthwiseConv
 
 
 class PEG(nn.Module):
@@ -31,8 +34,7 @@ class PEG(nn.Module):
       raise ValueError(f"error: PEG kernel_size {self.kernel_size}; an odd int >= 1 keeps the "
                        "grid's size and centre")
     patches = x[:, num_prefix:].reshape(b, h, w, width)
-    feat = nn.Conv(width, (self.kernel_size,) * 2, padding="SAME", feature_group_count=width,
-                   dtype=self.dtype, name="proj")(patches)
+    feat = DepthwiseConv(self.kernel_size, dtype=self.dtype, name="proj")(patches)
     if self.act:
       feat = nn.gelu(feat, approximate=False)
     patches = (patches + feat).reshape(b, h * w, width)

@@ -22,6 +22,7 @@ import numpy as np
 
 from vitjax import attention as attn_lib
 from vitjax import tokens as tokens_lib
+from vitjax.kernels.depthwise import DepthwiseConv
 from vitjax.models.cpe import PEG
 from vitjax.tokens import base as tokens_base
 
@@ -87,8 +88,8 @@ def depthwise_conv3x3(x, grid, dtype):
   if n != grid[0] * grid[1]:
     raise ValueError(f"the MLP's depthwise conv got {n} tokens for a {grid[0]}x{grid[1]} grid; "
                      "it needs every grid token (no prefix tokens, no token reduction)")
-  conv = nn.Conv(c, (3, 3), padding=1, feature_group_count=c, dtype=dtype, name="dwconv",
-                 kernel_init=drawn_as_matrix(nn.initializers.lecun_normal()))
+  conv = DepthwiseConv(3, dtype=dtype, name="dwconv",
+                       kernel_init=drawn_as_matrix(nn.initializers.lecun_normal()))
   return conv(x.reshape(b, *grid, c)).reshape(b, n, c)
 
 
