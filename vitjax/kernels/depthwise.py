@@ -2,8 +2,8 @@
 program chosen per platform when it is compiled (`lax.platform_dependent`): XLA's grouped
 convolution on GPU and TPU; on CPU the same conv as k^2 shifted multiply-adds of the zero-padded
 input. XLA:CPU runs the grouped form far below its dense speed: a 3x3 conv of [8, 56, 56, 256]
-takes 118 ms there and 4.1 ms as shifted sums (gradient 433 against 96 ms), where a dense
-256 -> 1024 product of the same tokens takes 78 ms (`experiments/depthwise.py`). The two forms
+takes about 120 ms there and 3-5 ms as shifted sums (gradient 433 against about 100 ms), where a
+dense 256 -> 1024 product of the same tokens takes about 80 ms (`experiments/depthwise.py`). The two forms
 are the same sum in another order (float32 results within a few ulps).
 """
 from typing import Any, Callable
