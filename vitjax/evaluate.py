@@ -61,8 +61,8 @@ def load_params(config, model, info, checkpoint: str, *, ema: bool = False, step
     if ema or step is not None:
       raise loading.LoadError(f"{checkpoint} is a timm/big_vision file: --ema and --step are for "
                               "training workdirs; pass the file alone")
-    return (checkpoints.load(checkpoint, model), os.path.basename(checkpoint),
-            checkpoints.load_batch_stats(checkpoint, model))
+    variables = checkpoints.load_variables(checkpoint, model)
+    return variables["params"], os.path.basename(checkpoint), variables.get("batch_stats", {})
   params, step, stats = restore_params(config, model, info, checkpoint, ema=ema, step=step)
   name = f"{os.path.basename(loading.locate(checkpoint, step)[0])}@{step}"
   return params, name + (" (EMA)" if ema else ""), stats

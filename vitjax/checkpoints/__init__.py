@@ -105,12 +105,6 @@ def load_variables(path: str, model, *, fmt: Optional[str] = None,
   return {"params": mod.load(path, model, skip=skip)}
 
 
-def load_batch_stats(path: str, model, *, fmt: Optional[str] = None) -> dict:
-  """The running statistics a file holds for `model` (BatchNorm: MaxViT, CvT), {} for a family
-  that keeps none."""
-  return load_variables(path, model, fmt=fmt).get("batch_stats", {})
-
-
 def load_into(path: str, model, init_params: Mapping, *, fmt: Optional[str] = None,
               skip: Iterable[str] = ()) -> dict:
   """The file's parameters over `init_params` (those in `skip` keep their initial values)."""

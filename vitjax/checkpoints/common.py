@@ -84,6 +84,41 @@ def abstract_params(model, channels: int = 3) -> dict:
   return dict(variables["params"])
 
 
+def abstract_batch_stats(model, channels: int = 3) -> dict:
+  """Shapes of the model's BatchNorm statistics (flat names) without computing them."""
+  images = jnp.zeros((1, *model.image_size, channels))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
+  return flatten(dict(shapes["batch_stats"]))
+
+
+def batch_stats_to_state_dict(variables: Mapping, model, key) -> dict:
+  """The PyTorch BatchNorm entries (running_mean / running_var and num_batches_tracked, under
+  `key(path)`) of variables {"params", "batch_stats"}; flax's initial statistics (mean 0, var 1)
+  when they carry none, so that the file loads with strict=True."""
+  stats = flatten(variables.get("batch_stats") or {})
+  if not stats:
+    stats = {p: (np.ones if p.endswith("/var") else np.zeros)(s.shape, np.float32)
+             for p, s in abstract_batch_stats(model).items()}
+  sd = {}
+  for p, x in stats.items():
+    sd[key(p)] = np.asarray(x, np.float32)
+    if p.endswith("/mean"):
+      sd[key(p[:-len("mean")] + "num_batches_tracked")] = np.zeros((), np.int64)
+  return sd
+
+
+def batch_stats_from_state_dict(stats: Mapping, model, *, key, fmt: str, hint: str = "") -> dict:
+  """A state dict's BatchNorm statistics (its running_* entries, `key(path)` each) -> the
+  model's `batch_stats`; missing, unexpected and misshapen entries are errors as for parameters."""
+  abstract = abstract_batch_stats(model)
+  names = {p: key(p) for p in abstract}
+  present = {k for k in stats if not k.endswith("num_batches_tracked")}
+  check_keys(present, set(names.values()), fmt=fmt, hint=hint)
+  flat = {p: np.asarray(stats[k], np.float32) for p, k in names.items()}
+  check_shapes(flat, abstract, fmt=fmt, names=names)
+  return unflatten(flat)
+
+
 def zeros_like_abstract(abstract):
   """Broadcast views of zeros: the right shapes for free (for computing expected names)."""
   return jax.tree_util.tree_map(lambda s: np.broadcast_to(np.zeros((), s.dtype), s.shape), abstract)

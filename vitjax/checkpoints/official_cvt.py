@@ -25,8 +25,6 @@ config), the official embedding strides and paddings, stride_kv 2 and 224 px.
 import re
 from typing import Iterable, Mapping, Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vitjax.checkpoints import common
@@ -107,29 +105,15 @@ def model_config(sd: Mapping, *, num_heads: Optional[Sequence[int]] = None) -> d
               image_size=224)
 
 
-def abstract_batch_stats(model, channels: int = 3) -> dict:
-  """Shapes of the model's BatchNorm statistics (flat names) without computing them."""
-  images = jnp.zeros((1, *model.image_size, channels))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
-  return common.flatten(dict(shapes["batch_stats"]))
-
-
 # ------------------------------------------------------------------ conversion
 def to_official(variables: Mapping, model) -> dict:
   """vitjax CvT parameters, or variables {"params", "batch_stats"}, -> an official state dict
   (numpy), loadable with strict=True."""
   variables = common.to_numpy(variables)
-  params = variables.get("params", variables)
-  stats = common.flatten(variables.get("batch_stats") or {})
-  if not stats:  # flax's initial statistics
-    stats = {p: (np.ones if p.endswith("/var") else np.zeros)(s.shape, np.float32)
-             for p, s in abstract_batch_stats(model).items()}
-  sd = {official_key(p, model): to_torch_layout(p, np.asarray(x))
-        for p, x in common.flatten(params).items()}
-  for p, x in stats.items():
-    sd[official_key(p, model)] = np.asarray(x, np.float32)
-    if p.endswith("/mean"):
-      sd[official_key(p[:-len("mean")] + "num_batches_tracked", model)] = np.zeros((), np.int64)
+  key = lambda p: official_key(p, model)  # noqa: E731
+  sd = {key(p): to_torch_layout(p, np.asarray(x))
+        for p, x in common.flatten(variables.get("params", variables)).items()}
+  sd.update(common.batch_stats_to_state_dict(variables, model, key))
   return sd
 
 
@@ -145,14 +129,8 @@ def from_official(sd: Mapping, model, *, skip: Iterable[str] = ()) -> dict:
 def batch_stats_from_official(sd: Mapping, model) -> dict:
   """An official CvT state dict's BatchNorm running statistics -> the model's `batch_stats`."""
   _, stats = split_state_dict(sd)
-  abstract = abstract_batch_stats(model)
-  names = {p: official_key(p, model) for p in abstract}
-  present = {k for k in stats if not k.endswith("num_batches_tracked")}
-  common.check_keys(present, set(names.values()), fmt=FMT,
-                    hint=common.config_hint(model_config, sd))
-  flat = {p: np.asarray(stats[k], np.float32) for p, k in names.items()}
-  common.check_shapes(flat, abstract, fmt=FMT, names=names)
-  return common.unflatten(flat)
+  return common.batch_stats_from_state_dict(stats, model, key=lambda p: official_key(p, model),
+                                            fmt=FMT, hint=common.config_hint(model_config, sd))
 
 
 def variables_from_official(sd: Mapping, model, *, skip: Iterable[str] = ()) -> dict:

@@ -17,8 +17,8 @@ Names map one to one:
 
 The parameters come from `from_timm` / `load` (as every family); the BatchNorm running
 statistics, which the model needs in evaluation, from `batch_stats_from_timm`, or both at once
-as flax variables from `variables_from_timm` / `load_variables` (`checkpoints.load_variables`
-and `checkpoints.load_batch_stats`, which evaluation and `init_from` use). `to_timm` takes
+as flax variables from `variables_from_timm` / `load_variables` (`checkpoints.load_variables`,
+which evaluation and `init_from` use). `to_timm` takes
 parameters or variables ({"params", "batch_stats"}) and writes num_batches_tracked too, so that
 the file loads into timm with strict=True (without statistics it writes flax's initial ones,
 mean 0, var 1).
@@ -27,8 +27,6 @@ width 32 and the image size 32 x the partition size (timm's partition_ratio: 224
 """
 from typing import Iterable, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vitjax.checkpoints import common
@@ -111,29 +109,14 @@ def model_config(sd: Mapping) -> dict:
               image_size=PARTITION_RATIO * int(window))
 
 
-def abstract_batch_stats(model, channels: int = 3) -> dict:
-  """Shapes of the model's BatchNorm statistics (flat names) without computing them."""
-  images = jnp.zeros((1, *model.image_size, channels))
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images))
-  return common.flatten(dict(shapes["batch_stats"]))
-
-
 # ------------------------------------------------------------------ conversion
 def to_timm(variables: Mapping, model) -> dict:
   """vitjax MaxViT parameters, or variables {"params", "batch_stats"}, -> a timm state dict
   (numpy), loadable with strict=True."""
   variables = common.to_numpy(variables)
-  params = variables.get("params", variables)
-  stats = common.flatten(variables.get("batch_stats") or {})
-  if not stats:  # flax's initial statistics
-    stats = {p: (np.ones if p.endswith("/var") else np.zeros)(s.shape, np.float32)
-             for p, s in abstract_batch_stats(model).items()}
-  flat = common.flatten(params)
+  flat = common.flatten(variables.get("params", variables))
   sd = {timm_key(p): to_torch_layout(p, np.asarray(x)) for p, x in flat.items()}
-  for p, x in stats.items():
-    sd[timm_key(p)] = np.asarray(x, np.float32)
-    if p.endswith("/mean"):
-      sd[timm_key(p[:-len("mean")] + "num_batches_tracked")] = np.zeros((), np.int64)
+  sd.update(common.batch_stats_to_state_dict(variables, model, timm_key))
   return sd
 
 
@@ -148,14 +131,8 @@ def from_timm(sd: Mapping, model, *, skip: Iterable[str] = ()) -> dict:
 def batch_stats_from_timm(sd: Mapping, model) -> dict:
   """A timm MaxViT state dict's BatchNorm running statistics -> the model's `batch_stats`."""
   _, stats = split_state_dict(sd)
-  abstract = abstract_batch_stats(model)
-  names = {p: timm_key(p) for p in abstract}
-  present = {k for k in stats if not k.endswith("num_batches_tracked")}
-  common.check_keys(present, set(names.values()), fmt=FMT,
-                    hint=common.config_hint(model_config, sd))
-  flat = {p: np.asarray(stats[k], np.float32) for p, k in names.items()}
-  common.check_shapes(flat, abstract, fmt=FMT, names=names)
-  return common.unflatten(flat)
+  return common.batch_stats_from_state_dict(stats, model, key=timm_key, fmt=FMT,
+                                            hint=common.config_hint(model_config, sd))
 
 
 def variables_from_timm(sd: Mapping, model, *, skip: Iterable[str] = ()) -> dict:

@@ -268,8 +268,9 @@ class Recipe:
       return state
     from vitjax import checkpoints  # pylint: disable=import-outside-toplevel
     from vitjax.checkpoints import common  # pylint: disable=import-outside-toplevel
-    loaded = common.flatten(checkpoints.load(
-        path, self.model, skip=tuple(self.config.get("init_skip", ()) or ())))
+    variables = checkpoints.load_variables(
+        path, self.model, skip=tuple(self.config.get("init_skip", ()) or ()))
+    loaded = common.flatten(variables["params"])
     shardings = common.flatten(state_shardings.params)
     # skipped parameters keep their (possibly not fully addressable) initial arrays
     params = common.unflatten({
@@ -279,7 +280,7 @@ class Recipe:
       kept = sorted(set(shardings) - set(loaded))
       print(f"initialised from {path}" + (f"; kept the initial {kept}" if kept else ""), flush=True)
     opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(params)
-    stats = common.flatten(checkpoints.load_batch_stats(path, self.model))
+    stats = common.flatten(variables.get("batch_stats", {}))
     if stats:  # the file's running statistics (BatchNorm) too
       stat_shardings = common.flatten(state_shardings.batch_stats)
       state = state.replace(batch_stats=common.unflatten({
@@ -314,10 +315,7 @@ def make_teacher(config, data_info, image_shape, mesh):
     teacher = models.build(teacher_cfg, num_classes=data_info.num_classes, image_size=size)
   else:  # the architecture stored in the file
     teacher = checkpoints.build_model(path, num_classes=data_info.num_classes, image_size=size)
-  variables = {"params": checkpoints.load(path, teacher)}
-  stats = checkpoints.load_batch_stats(path, teacher)
-  if stats:  # running statistics (BatchNorm)
-    variables["batch_stats"] = stats
+  variables = checkpoints.load_variables(path, teacher)  # + running statistics (BatchNorm)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   variables = put_global(variables, jax.tree_util.tree_map(lambda _: replicated, variables))
   forward = jax.jit(lambda v, x: teacher.apply(v, x, train=False)[0])
