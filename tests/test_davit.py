@@ -32,16 +32,6 @@ def tiny(dtype="float32", **kw):
   return models.build({**TINY, **kw}, num_classes=10, image_size=SIZE, dtype=dtype)
 
 
-def random_params(model, seed=0):
-  """Random values in the model's shapes (no init compiled): norm gains near 1, everything else
-  (zero-initialised head, biases) small, so that every parameter matters."""
-  rng = np.random.default_rng(seed)
-  def draw(path, leaf):
-    noise = rng.normal(0.0, 0.05, leaf.shape).astype(np.float32)
-    return noise + 1.0 if getattr(path[-1], "key", "") == "scale" else noise
-  return jax.tree_util.tree_map_with_path(draw, common.abstract_params(model))
-
-
 def images(n=2, seed=7):
   return np.random.default_rng(seed).normal(size=(n, *SIZE, 3)).astype(np.float32)
 
@@ -69,7 +59,7 @@ def test_variants_have_timms_parameter_counts(variant, count, gmacs):
 
 
 def test_tiny_forward_gradient_bf16():
-  params = random_params(MODEL)
+  params = timm_reference.random_params(MODEL)
   x = images()
   cot = np.random.default_rng(1).normal(size=(2, 10)).astype(np.float32)
   logits, (grads, dx) = logits_and_grads(params, x, cot)
@@ -160,7 +150,7 @@ def test_layer_ids():
 
 def test_timm_file_round_trip_and_official_layout(tmp_path):
   model = MODEL
-  params = random_params(model)
+  params = timm_reference.random_params(model)
   path = str(tmp_path / "davit.safetensors")
   checkpoints.save(path, params, model)
   loaded = checkpoints.load(path, model)
@@ -222,7 +212,7 @@ def reference(tmp_path_factory):
   if not timm_reference.available():
     pytest.skip(timm_reference.SKIP_REASON)
   out = tmp_path_factory.mktemp("timm_davit")
-  params = random_params(MODEL, seed=3)
+  params = timm_reference.random_params(MODEL, seed=3)
   checkpoints.save(str(out / "ours.safetensors"), params, MODEL)
   timm_reference.run(TORCH_SCRIPT, json.dumps(TIMM_KWARGS), json.dumps(SIZE), str(out))
   return str(out), params

@@ -31,16 +31,6 @@ def tiny(dtype="float32", **kw):
   return models.build({**TINY, **kw}, num_classes=10, image_size=SIZE, dtype=dtype)
 
 
-def random_params(model, seed=0):
-  """Random values in the model's shapes (no init compiled): norm gains near 1, everything else
-  (zero-initialised head, biases) small, so that every parameter matters."""
-  rng = np.random.default_rng(seed)
-  def draw(path, leaf):
-    noise = rng.normal(0.0, 0.05, leaf.shape).astype(np.float32)
-    return noise + 1.0 if getattr(path[-1], "key", "") == "scale" else noise
-  return jax.tree_util.tree_map_with_path(draw, common.abstract_params(model))
-
-
 def images(n=2, seed=7):
   return np.random.default_rng(seed).normal(size=(n, *SIZE, 3)).astype(np.float32)
 
@@ -73,7 +63,7 @@ def test_variants_have_timms_parameter_counts(variant, count, gmacs):
 
 
 def test_tiny_forward_gradient_bf16():
-  params = random_params(MODEL)
+  params = timm_reference.random_params(MODEL)
   x = images()
   cot = np.random.default_rng(1).normal(size=(2, 10)).astype(np.float32)
   logits, (grads, dx) = logits_and_grads(params, x, cot)
@@ -139,7 +129,7 @@ def test_layer_ids():
 
 def test_timm_file_round_trip(tmp_path):
   model = MODEL
-  params = random_params(model)
+  params = timm_reference.random_params(model)
   path = str(tmp_path / "gcvit.safetensors")
   checkpoints.save(path, params, model)
   loaded = checkpoints.load(path, model)
@@ -164,7 +154,7 @@ def test_timm_file_round_trip(tmp_path):
 def test_square_windows_are_read_from_the_file(tmp_path):
   model = models.build({**TINY, "window_size": 4}, num_classes=10, image_size=32)
   path = str(tmp_path / "square.safetensors")
-  checkpoints.save(path, random_params(model), model)
+  checkpoints.save(path, timm_reference.random_params(model), model)
   assert checkpoints.model_config(path)["window_size"] == (4, 4)
   assert checkpoints.build_model(path, image_size=32).windows() == [(4, 4), (4, 4)]
 
@@ -199,7 +189,7 @@ def reference(tmp_path_factory):
   if not timm_reference.available():
     pytest.skip(timm_reference.SKIP_REASON)
   out = tmp_path_factory.mktemp("timm_gcvit")
-  params = random_params(MODEL, seed=3)
+  params = timm_reference.random_params(MODEL, seed=3)
   checkpoints.save(str(out / "ours.safetensors"), params, MODEL)
   timm_reference.run(TORCH_SCRIPT, json.dumps(TIMM_KWARGS), json.dumps(SIZE), str(out))
   return str(out), params

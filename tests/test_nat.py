@@ -41,14 +41,7 @@ def tiny(dtype="float32", **kw):
 
 
 def random_params(model, seed=0):
-  """Random values in the model's shapes (no init compiled): norm gains near 1, layer scales near
-  0.5, everything else small, so that every parameter matters."""
-  rng = np.random.default_rng(seed)
-  def draw(path, leaf):
-    noise = rng.normal(0.0, 0.05, leaf.shape).astype(np.float32)
-    key = getattr(path[-1], "key", "")
-    return noise + {"scale": 1.0, "gamma": 0.5}.get(key, 0.0)
-  return jax.tree_util.tree_map_with_path(draw, common.abstract_params(model))
+  return timm_reference.random_params(model, seed, offsets=(("scale", 1.0), ("gamma", 0.5)))
 
 
 def images(n=2, seed=7):

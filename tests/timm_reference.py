@@ -2,10 +2,16 @@
 
 Tests pass a script (`PREAMBLE` + their code) and arguments to `run`; `available()` says whether
 the interpreter has torch, timm and safetensors, so that tests skip cleanly without them.
+`random_params` gives the vitjax side its random weights.
 """
 import os
 import subprocess
 import textwrap
+
+import jax
+import numpy as np
+
+from vitjax.checkpoints import common
 
 TORCH_PYTHON = os.environ.get("VITJAX_TORCH_PYTHON")
 SKIP_REASON = "set VITJAX_TORCH_PYTHON to a python with torch + timm (.ci/torch_env.sh)"
@@ -54,3 +60,15 @@ def run(script: str, *args: str, timeout: int = 600) -> str:
                        capture_output=True, text=True, check=False, timeout=timeout)
   assert res.returncode == 0, res.stderr[-3000:]
   return res.stdout
+
+
+def random_params(model, seed=0, offsets=(("scale", 1.0),)):
+  """Random values in the model's shapes (no init compiled): N(0, 0.05) plus an offset by
+  parameter name (norm gains near 1; NAT's layer scales `gamma` near 0.5), so that every
+  parameter, zero-initialised heads, biases and position tables included, matters."""
+  rng = np.random.default_rng(seed)
+  offsets = dict(offsets)
+  def draw(path, leaf):
+    noise = rng.normal(0.0, 0.05, leaf.shape).astype(np.float32)
+    return noise + offsets.get(getattr(path[-1], "key", ""), 0.0)
+  return jax.tree_util.tree_map_with_path(draw, common.abstract_params(model))
